@@ -1,0 +1,135 @@
+"""DRTrainingArguments: TrainingArguments plus the differential-privacy settings of DR-Encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .privacy.accounting import ACCOUNTANTS
+from .privacy.clipping import CLIPPING_MODES
+
+# What a plain TrainingArguments gets when it is handed to DRTrainer (the swap-in case).
+SWAP_IN_DEFAULTS = {"target_epsilon": 8.0}
+
+
+@dataclass
+class DRTrainingArguments(TrainingArguments):
+    """Arguments of :class:`DRTrainer`: everything ``TrainingArguments`` has, plus the privacy settings.
+
+    Privacy (the unit protected is one training example):
+        target_epsilon / noise_multiplier: exactly one. With ``target_epsilon`` the noise multiplier is
+            solved for the planned number of optimizer steps and training stops before the budget is exceeded.
+        target_delta: delta of the (epsilon, delta) guarantee; default 1 / len(train_dataset).
+        per_sample_max_grad_norm: C, the L2 bound on each example's LoRA gradient (the sensitivity).
+        accountant: rdp | prv | gdp, used to calibrate and for the headline ``epsilon``; all three are logged.
+        poisson_sampling: sample each example independently with rate q = expected global batch / N.
+        clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)).
+        noise_seed: seed of the noise generator (default: fresh OS entropy; set it only for reproducibility).
+        disable_dp: a non-private baseline through the same code path (no clipping, no noise, epsilon = inf).
+
+    LoRA (used only when the model is not a ``PeftModel`` and no ``peft_config`` is given):
+        lora_r, lora_alpha, lora_dropout, lora_target_modules.
+
+    The expected batch of one optimizer step is
+    ``per_device_train_batch_size * gradient_accumulation_steps * world_size``; with Poisson sampling the
+    drawn batch varies around it.
+    """
+
+    target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Privacy budget epsilon. The noise multiplier is calibrated to reach it at the planned "
+                  "number of steps, and training stops before it is exceeded. Set exactly one of target_epsilon and "
+                  "noise_multiplier."},
+    )
+    target_delta: float | None = field(
+        default=None,
+        metadata={"help": "delta of the (epsilon, delta) guarantee. Default: 1 / number of training examples. "
+                  "Values above 1/N are refused (they allow releasing an example outright)."},
+    )
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "Noise standard deviation as a multiple of per_sample_max_grad_norm. Set exactly one of "
+                  "target_epsilon and noise_multiplier."},
+    )
+    per_sample_max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "C: each example's LoRA gradient is clipped to L2 norm <= C (the sensitivity of the sum)."},
+    )
+    accountant: str = field(
+        default="prv",
+        metadata={"help": "Accountant for calibration and the headline epsilon: rdp, prv or gdp. All three are logged.",
+                  "choices": list(ACCOUNTANTS)},
+    )
+    poisson_sampling: bool = field(
+        default=True,
+        metadata={"help": "Poisson sampling: each example joins a batch independently with rate q = expected global "
+                  "batch / N. Required under DP (the accountants assume it); false only with --disable_dp."},
+    )
+    clipping: str = field(
+        default="flat",
+        metadata={"help": "flat: clip each example's whole gradient to C; per_layer: clip each tensor to C/sqrt(P).",
+                  "choices": list(CLIPPING_MODES)},
+    )
+    noise_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the noise generator. Default: drawn from OS entropy. Seeded noise is reproducible "
+                  "noise: use it for tests, not for a release."},
+    )
+    disable_dp: bool = field(
+        default=False,
+        metadata={"help": "Train without privacy through the same code path (a baseline). epsilon is reported as inf."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank for the default LoRA config (plain model, no peft_config)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt for the default LoRA config (default: peft's choice for the architecture)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_privacy()
+
+    def validate_privacy(self) -> None:
+        """Refuse settings under which the guarantee cannot hold or is undefined (before any training)."""
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
+        if self.target_delta is not None and not (0 < self.target_delta < 1):
+            raise ValueError(f"target_delta={self.target_delta} must be in (0, 1); typically well below 1/N")
+        if self.disable_dp:
+            return
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            which = "both" if self.target_epsilon is not None else "neither"
+            raise ValueError(
+                f"set exactly one of target_epsilon and noise_multiplier ({which} is set): target_epsilon to let "
+                "DRTrainer calibrate the noise, or noise_multiplier to fix it; or disable_dp=True for a non-private run"
+            )
+        if self.target_epsilon is not None and not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ValueError(f"target_epsilon={self.target_epsilon} must be a positive finite number")
+        if self.noise_multiplier is not None and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier} must be positive (0 would be no privacy: use disable_dp)")
+        if not (self.per_sample_max_grad_norm > 0 and math.isfinite(self.per_sample_max_grad_norm)):
+            raise ValueError(
+                f"per_sample_max_grad_norm={self.per_sample_max_grad_norm} must be a positive finite number (it is the "
+                "sensitivity the noise is scaled to)"
+            )
+        if not self.poisson_sampling:
+            raise ValueError(
+                "poisson_sampling=False is refused under DP: the accountants analyse Poisson subsampling, and "
+                "shuffled fixed-size batches have no matching analysis here. Keep poisson_sampling=True, or use "
+                "disable_dp=True for a non-private run"
+            )
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "DRTrainingArguments":
+        """A DRTrainingArguments with every field of ``args`` and the swap-in privacy defaults."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        values.update(SWAP_IN_DEFAULTS)
+        values.update(overrides)
+        return cls(**values)

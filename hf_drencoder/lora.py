@@ -1,0 +1,65 @@
+"""LoRA wrapping and the check that only adapters train: under DP only LoRA gradients are clipped and noised,
+so any other trainable tensor would be released without protection."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+_TASK_BY_SUFFIX = {
+    "ForCausalLM": TaskType.CAUSAL_LM,
+    "ForSequenceClassification": TaskType.SEQ_CLS,
+    "ForTokenClassification": TaskType.TOKEN_CLS,
+}
+
+
+def default_lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None) -> LoraConfig:
+    """A LoRA config for ``model``'s architecture: peft's default target modules for its ``model_type`` and the
+    task type from its head (a classification head becomes ``modules_to_save``, as peft does for SEQ_CLS)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
+
+    name = type(model).__name__
+    task = next((t for suffix, t in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
+    if task is None:
+        raise ValueError(f"no default LoRA config for {name}: pass peft_config=LoraConfig(...) to DRTrainer")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if target_modules is None:
+        target_modules = TARGETS.get(model_type)
+        if target_modules is None:
+            raise ValueError(
+                f"peft has no default LoRA target modules for model_type={model_type!r}: pass "
+                "peft_config=LoraConfig(target_modules=[...]) or --lora_target_modules"
+            )
+    return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+
+
+def wrap_with_lora(model, peft_config=None, **defaults):
+    """Return a PeftModel: ``model`` itself if it already is one (``peft_config`` must then be None),
+    ``model`` wrapped with ``peft_config``, or wrapped with :func:`default_lora_config`."""
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError("the model is already a PeftModel: pass either a PeftModel or peft_config, not both")
+        return model
+    if peft_config is None:
+        peft_config = default_lora_config(model, **defaults)
+    return get_peft_model(model, peft_config)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """LoRA factors and ``modules_to_save`` copies (e.g. a classification head) are adapter parameters."""
+    return "lora_" in name or ".modules_to_save." in name
+
+
+def trainable_adapter_parameters(model) -> list[tuple[str, object]]:
+    """The trainable parameters, after checking that all of them belong to the adapter."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    foreign = [n for n, _ in trainable if not is_adapter_parameter(n)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"trainable parameters outside the LoRA adapter: {shown}. Under DP only adapter gradients are "
+            "clipped and noised; freeze these (requires_grad=False) or list their modules in "
+            "LoraConfig(modules_to_save=[...])"
+        )
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: check the LoRA config's target_modules")
+    return trainable

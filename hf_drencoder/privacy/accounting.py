@@ -1,0 +1,253 @@
+"""Privacy accounting: one history of Gaussian-mechanism releases, read by three accountants.
+
+Every release that touches private data (stage-1 statistics, each stage-2 optimizer step, each federated
+round) is recorded as ``(noise_multiplier, sample_rate, num_steps)``. The same history is handed to the
+RDP and PRV accountants of opacus and to a GDP computation, so the three reported values always describe
+the same sequence of mechanisms: nothing can be counted by one accountant and forgotten by another.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+# sigma above this is treated as "calibration failed": the budget cannot be met with the planned steps.
+_MAX_NOISE_MULTIPLIER = 1e4
+
+
+class PrivacyBudgetError(ValueError):
+    """Raised when a privacy budget cannot be met (or would be exceeded)."""
+
+
+def _validate_history(history: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    out = []
+    for entry in history:
+        sigma, q, steps = entry
+        sigma, q, steps = float(sigma), float(q), int(steps)
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"noise multiplier must be positive and finite, got {sigma}")
+        if not (0 < q <= 1):
+            raise ValueError(f"sample rate must be in (0, 1], got {q}")
+        if steps < 0:
+            raise ValueError(f"number of steps must be >= 0, got {steps}")
+        if steps:
+            out.append((sigma, q, steps))
+    return out
+
+
+def gdp_mu(history: Iterable[tuple[float, float, int]]) -> float:
+    """mu of the composition under Gaussian DP.
+
+    For full batches (q = 1) T steps of noise multiplier sigma are exactly mu = sqrt(T) / sigma. For Poisson
+    subsampling (q < 1) only the central-limit approximation of Bu et al. (2020) is known,
+    mu = q sqrt(T (exp(1 / sigma^2) - 1)); it under-estimates epsilon for few steps, which is why it is never
+    reported alone. Independent mu-GDP mechanisms compose as sqrt(sum mu_i^2).
+    """
+    total = 0.0
+    for sigma, q, steps in _validate_history(history):
+        if q >= 1.0:
+            mu = math.sqrt(steps) / sigma
+        else:
+            mu = q * math.sqrt(steps * math.expm1(sigma**-2))
+        total += mu * mu
+    return math.sqrt(total)
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """epsilon at ``delta`` of a mu-GDP mechanism (Dong, Roth and Su 2019, Corollary 2.13)."""
+    if mu <= 0:
+        return 0.0
+    if not math.isfinite(mu):
+        return math.inf
+    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
+
+    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
+        return 0.0
+    return float(eps_from_mu(mu=mu, delta=delta))
+
+
+def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """epsilon(delta) of a history of subsampled Gaussian mechanisms under ``accountant``.
+
+    An empty history is 0. The PRV value is opacus' upper bound (``eps_upper``), never the estimate.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    history = _validate_history(history)
+    if not history:
+        return 0.0
+    if accountant == "gdp":
+        return gdp_epsilon(gdp_mu(history), delta)
+    if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+    else:
+        from opacus.accountants import PRVAccountant
+
+        acc = PRVAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyAccountant:
+    """The privacy ledger of one run: a history of Gaussian releases and the delta they are reported at.
+
+    ``step`` is called once per release (one optimizer step, one round, one statistics release). The
+    history is what a checkpoint stores; a resumed run restores it, so it never reports less than was spent.
+    """
+
+    def __init__(self, delta: float, accountant: str = "prv", history=None):
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        self.delta = float(delta)
+        self.accountant = accountant
+        self.history: list[tuple[float, float, int]] = []
+        for entry in history or []:
+            self.step(*entry)
+
+    def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
+        (entry,) = _validate_history([(noise_multiplier, sample_rate, num_steps)]) or [None]
+        if entry is None:
+            return
+        sigma, q, steps = entry
+        if self.history and self.history[-1][:2] == (sigma, q):
+            self.history[-1] = (sigma, q, self.history[-1][2] + steps)
+        else:
+            self.history.append((sigma, q, steps))
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, _, s in self.history)
+
+    def epsilon(self, accountant: str | None = None, extra=()) -> float:
+        """epsilon spent so far (plus the hypothetical releases in ``extra``)."""
+        return compute_epsilon(self.history + list(extra), self.delta, accountant or self.accountant)
+
+    def mu_gdp(self) -> float:
+        return gdp_mu(self.history)
+
+    def report(self) -> dict:
+        """epsilon under every accountant, plus mu of GDP, for the history so far."""
+        return {
+            "epsilon": self.epsilon(),
+            "epsilon_rdp": self.epsilon("rdp"),
+            "epsilon_prv": self.epsilon("prv"),
+            "epsilon_gdp": self.epsilon("gdp"),
+            "mu_gdp": self.mu_gdp(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "PrivacyAccountant":
+        return cls(delta=state["delta"], accountant=state["accountant"], history=[tuple(h) for h in state["history"]])
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    prior_history=(),
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier (to ``tolerance`` in epsilon, from below) such that ``prior_history`` plus
+    ``steps`` releases at ``sample_rate`` stay within ``target_epsilon`` at ``delta``.
+
+    Bisection on sigma, the same search opacus' ``get_noise_multiplier`` runs, but over the whole history so
+    that an earlier release (stage-1 statistics) is paid for out of the same budget. Raises
+    :class:`PrivacyBudgetError` when no sigma can do it.
+    """
+    if target_epsilon <= 0:
+        raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if steps < 1:
+        raise PrivacyBudgetError(f"planned steps must be >= 1, got {steps}")
+    prior = list(prior_history)
+
+    def eps(sigma):
+        return compute_epsilon(prior + [(sigma, sample_rate, steps)], delta, accountant)
+
+    already = compute_epsilon(prior, delta, accountant)
+    if already >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"the releases made before training already spent epsilon={already:.3f} >= target_epsilon="
+            f"{target_epsilon}: raise target_epsilon or release fewer statistics"
+        )
+    lo, hi = 0.0, 10.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > _MAX_NOISE_MULTIPLIER:
+            raise PrivacyBudgetError(
+                f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at sample rate "
+                f"{sample_rate:.4g} (delta={delta:.3g}, accountant={accountant}): even noise multiplier "
+                f"{_MAX_NOISE_MULTIPLIER:g} exceeds it. Train fewer steps, use a smaller batch, or raise "
+                "target_epsilon."
+            )
+    # invariant: eps(hi) <= target; shrink until the epsilon spent is within tolerance of the target
+    while True:
+        mid = (lo + hi) / 2
+        e = eps(mid) if mid > 0 else math.inf
+        if e <= target_epsilon:
+            hi = mid
+            if target_epsilon - e < tolerance * target_epsilon:
+                return hi
+        else:
+            lo = mid
+        if hi - lo < 1e-4 * hi:
+            return hi
+
+
+def max_steps_within_budget(
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    accountant: str = "prv",
+    prior_history=(),
+    upper: int | None = None,
+) -> int:
+    """Largest number of further releases at (noise_multiplier, sample_rate) whose total stays within
+    ``target_epsilon``: the step at which a budget-limited run must stop. Capped at ``upper`` if given."""
+    prior = list(prior_history)
+
+    def ok(t):
+        return compute_epsilon(prior + [(noise_multiplier, sample_rate, t)], delta, accountant) <= target_epsilon
+
+    if not ok(0):
+        return 0
+    hi = 1
+    while ok(hi):
+        if upper is not None and hi >= upper:
+            return upper
+        hi *= 2
+        if hi > 10**9:
+            return hi
+    lo = hi // 2  # ok(lo) holds, ok(hi) fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo if upper is None else min(lo, upper)
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "PrivacyAccountant",
+    "PrivacyBudgetError",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "gdp_epsilon",
+    "gdp_mu",
+    "max_steps_within_budget",
+]

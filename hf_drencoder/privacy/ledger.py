@@ -1,0 +1,142 @@
+"""The privacy ledger of one training run: the mechanism's parameters, the accountant and the budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .accounting import (
+    PrivacyAccountant,
+    PrivacyBudgetError,
+    calibrate_noise_multiplier,
+    max_steps_within_budget,
+)
+
+
+@dataclass
+class PrivacyLedger:
+    """What a private run has promised and spent.
+
+    ``record_step`` is the only way a release is counted; it refuses a release that would exceed
+    ``target_epsilon`` (the run is stopped before that by PrivacyCallback; this is the hard guard).
+    """
+
+    delta: float
+    sample_rate: float
+    max_grad_norm: float
+    accountant_name: str = "prv"
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    unit: str = "example"
+    disabled: bool = False
+    accountant: PrivacyAccountant = field(init=False)
+    max_total_steps: int | None = field(default=None, init=False)
+    _cache: tuple | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.accountant = PrivacyAccountant(self.delta, self.accountant_name)
+
+    @property
+    def steps(self) -> int:
+        return self.accountant.steps
+
+    def calibrate(self, planned_steps: int) -> None:
+        """Fix the noise multiplier (solving for it when only ``target_epsilon`` is given) and the step at
+        which the budget is spent. Releases already in the history (stage 1, a resumed run) are paid for."""
+        if self.disabled:
+            return
+        prior = list(self.accountant.history)
+        if self.noise_multiplier is None:
+            if self.target_epsilon is None:
+                raise PrivacyBudgetError("neither target_epsilon nor noise_multiplier is set")
+            remaining = max(planned_steps - self.steps, 1)
+            self.noise_multiplier = calibrate_noise_multiplier(
+                self.target_epsilon, self.delta, self.sample_rate, remaining, self.accountant_name, prior
+            )
+        if self.target_epsilon is not None:
+            more = max_steps_within_budget(
+                self.target_epsilon, self.delta, self.noise_multiplier, self.sample_rate, self.accountant_name,
+                prior, upper=max(planned_steps - self.steps, 0) + 1,
+            )
+            self.max_total_steps = self.steps + more
+            if more == 0:
+                raise PrivacyBudgetError(
+                    f"target_epsilon={self.target_epsilon} is already spent (epsilon={self.accountant.epsilon():.3f} "
+                    f"after {self.steps} steps): not one more step fits in the budget"
+                )
+
+    def budget_allows_step(self) -> bool:
+        return self.max_total_steps is None or self.steps < self.max_total_steps
+
+    def record_step(self) -> None:
+        """Count one release of the Gaussian mechanism at (noise_multiplier, sample_rate)."""
+        if self.disabled:
+            return
+        if self.noise_multiplier is None:
+            raise PrivacyBudgetError("a private step was taken before the noise multiplier was calibrated")
+        if not self.budget_allows_step():
+            raise PrivacyBudgetError(
+                f"this step would exceed target_epsilon={self.target_epsilon} (budget spent after "
+                f"{self.max_total_steps} steps); refusing to release it"
+            )
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    def metrics(self) -> dict:
+        """The numbers that go into every log: epsilon per accountant, mu of GDP, the mechanism's parameters."""
+        if self._cache is not None and self._cache[0] == self.steps:
+            return dict(self._cache[1])
+        if self.disabled:
+            eps = {"epsilon": math.inf, "epsilon_rdp": math.inf, "epsilon_prv": math.inf, "mu_gdp": math.inf}
+        else:
+            rep = self.accountant.report()
+            eps = {k: rep[k] for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "mu_gdp")}
+        out = {
+            **eps,
+            "noise_multiplier": 0.0 if self.disabled else float(self.noise_multiplier or 0.0),
+            "sample_rate": self.sample_rate,
+            "privacy_steps": self.steps,
+        }
+        self._cache = (self.steps, out)
+        return dict(out)
+
+    def report(self) -> dict:
+        """The privacy report of the run (what a model card or a closing log states)."""
+        m = self.metrics()
+        return {
+            "epsilon": m["epsilon"],
+            "epsilon_rdp": m["epsilon_rdp"],
+            "epsilon_prv": m["epsilon_prv"],
+            "epsilon_gdp": math.inf if self.disabled else self.accountant.epsilon("gdp"),
+            "mu_gdp": m["mu_gdp"],
+            "accountant": self.accountant_name,
+            "delta": self.delta,
+            "noise_multiplier": m["noise_multiplier"],
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "max_grad_norm": self.max_grad_norm,
+            "privacy_unit": self.unit,
+            "target_epsilon": self.target_epsilon,
+            "dp_enabled": not self.disabled,
+            "history": [list(h) for h in self.accountant.history],
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "unit": self.unit,
+            "disabled": self.disabled,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what a checkpoint spent. The history is taken as is: it can only make epsilon larger."""
+        if bool(state.get("disabled")) != self.disabled:
+            raise PrivacyBudgetError("the checkpoint was written with a different disable_dp setting")
+        self.accountant = PrivacyAccountant.from_state_dict(state["accountant"])
+        self.accountant.delta = self.delta
+        self.accountant.accountant = self.accountant_name
+        if state.get("noise_multiplier") is not None:
+            self.noise_multiplier = float(state["noise_multiplier"])
+        self._cache = None

@@ -1,0 +1,350 @@
+"""DRTrainer: the Hugging Face Trainer with differentially private LoRA training.
+
+One private optimizer step (DESIGN.md section 2):
+
+    Poisson batch -> per-example loss -> per-sample LoRA gradients (opacus hooks) -> clip each to C -> sum
+    -> + N(0, sigma^2 C^2) once -> [post-processing hooks, e.g. a gradient codec] -> / expected batch
+    -> param.grad -> optimizer.step(); the accountant counts the release.
+
+Everything is done inside ``training_step`` so that nothing Trainer does after it (``grad_norm`` logging,
+callbacks, the optimizer) ever sees an un-noised gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
+from .callbacks import PrivacyCallback, load_privacy_state
+from .lora import trainable_adapter_parameters, wrap_with_lora
+from .losses import infer_task, per_sample_losses
+from .privacy.accounting import PrivacyBudgetError
+from .privacy.ledger import PrivacyLedger
+from .privacy.mechanism import GaussianGradientMechanism
+from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
+
+logger = logging.getLogger(__name__)
+
+PRIVACY_REPORT_NAME = "privacy_report.json"
+
+
+class DRTrainer(Trainer):
+    """A drop-in ``Trainer`` that trains LoRA adapters with differential privacy (DP-SGD on the adapter).
+
+    Args:
+        model: a ``PeftModel``, or a transformers model that is wrapped with ``peft_config`` or, without one,
+            with a default LoRA config for its architecture (see ``DRTrainingArguments.lora_*``).
+        args: ``DRTrainingArguments``; a plain ``TrainingArguments`` is accepted and gets the DR defaults
+            (target_epsilon=8, delta=1/N, C=1, PRV accountant, Poisson sampling).
+        peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
+        Every other argument is Trainer's.
+
+    Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
+    and everything derived from it. Training loss and evaluation metrics are computed on data and logged as
+    Trainer does; they are not covered by the guarantee.
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *trainer_args, peft_config=None, **kwargs):
+        if kwargs.get("model_init") is not None:
+            raise ValueError("DRTrainer does not support model_init: pass the model (the adapter is checked before training)")
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+        self._swap_in = not isinstance(args, DRTrainingArguments)
+        if self._swap_in:
+            args = DRTrainingArguments.from_training_arguments(args)
+        if model is None:
+            raise ValueError("DRTrainer needs a model")
+        model = wrap_with_lora(
+            model, peft_config, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+        )
+        # Only adapter tensors may train: anything else would be released without clipping or noise.
+        trainable_adapter_parameters(model)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self._check_unsupported()
+        if self.dp_enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            logger.info(
+                "DRTrainer: Trainer's batch-gradient clipping (max_grad_norm=%s) is off under DP: each example is "
+                "clipped to per_sample_max_grad_norm=%s instead.", self.args.max_grad_norm,
+                self.args.per_sample_max_grad_norm,
+            )
+            self.args.max_grad_norm = 0.0
+        self.task = infer_task(self.model)
+        self.post_privacy_hooks: list[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = []
+        self.ledger: PrivacyLedger | None = None
+        self._mechanism: GaussianGradientMechanism | None = None
+        self._hooks = None
+        if self.train_dataset is not None:
+            self._check_train_dataset()
+
+    # ---- checks made before any training ----
+
+    @property
+    def dp_enabled(self) -> bool:
+        return not self.args.disable_dp
+
+    def _check_unsupported(self) -> None:
+        if not self.dp_enabled:
+            return
+        problems = []
+        if self.args.world_size > 1:
+            problems.append(
+                f"{self.args.world_size} processes: data-parallel DP is not supported yet; run one process"
+            )
+        if self.args.fp16 or self.args.bf16:
+            problems.append("mixed precision (fp16/bf16) is not supported yet under DP; train in fp32")
+        if self.args.gradient_checkpointing:
+            problems.append("gradient_checkpointing re-runs forward hooks and breaks per-sample gradients; turn it off")
+        if self.args.label_smoothing_factor:
+            problems.append("label_smoothing_factor is not applied by the per-example loss; set it to 0")
+        if problems:
+            raise ValueError("DRTrainer cannot guarantee privacy with these settings:\n- " + "\n- ".join(problems))
+
+    @property
+    def expected_batch_size(self) -> int:
+        """Expected examples per optimizer step (the public denominator of the mean gradient)."""
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _num_train_examples(self) -> int:
+        try:
+            n = len(self.train_dataset)
+        except TypeError:
+            raise ValueError(
+                "train_dataset has no length (an IterableDataset?): Poisson sampling and the accountant need the "
+                "number of examples N. Materialise it (e.g. datasets.Dataset.from_generator) or pass a map-style dataset"
+            ) from None
+        if n == 0:
+            raise ValueError("train_dataset is empty")
+        return n
+
+    def _check_train_dataset(self) -> int:
+        n = self._num_train_examples()
+        if self.args.poisson_sampling and self.expected_batch_size > n:
+            raise ValueError(
+                f"the expected batch ({self.expected_batch_size} = per_device_train_batch_size x "
+                f"gradient_accumulation_steps x processes) is larger than the dataset ({n} examples): lower the batch size"
+            )
+        delta = self.target_delta(n)
+        if self.dp_enabled and delta > 1.0 / n:
+            raise ValueError(
+                f"target_delta={delta:.3g} is above 1/N = {1.0 / n:.3g}: such a delta allows publishing an example "
+                "outright. Use target_delta <= 1/N (default 1/N; smaller is safer)"
+            )
+        return n
+
+    def target_delta(self, n: int | None = None) -> float:
+        if self.args.target_delta is not None:
+            return self.args.target_delta
+        return 1.0 / (n if n is not None else self._num_train_examples())
+
+    # ---- data ----
+
+    def _steps_per_epoch(self, n: int) -> int:
+        return max(n // self.expected_batch_size, 1)
+
+    def planned_optimizer_steps(self) -> int:
+        """Optimizer steps Trainer will run: the number the noise is calibrated for."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch(self._num_train_examples()))
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.args.poisson_sampling:
+            return super().get_train_dataloader()
+        import datasets
+
+        n = self._check_train_dataset()
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        sampler = PoissonBatchSampler(
+            num_samples=n,
+            sample_rate=self.expected_batch_size / n,
+            steps_per_epoch=self._steps_per_epoch(n),
+            micro_batches=self.args.gradient_accumulation_steps,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=EmptyBatchCollator(collator),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    # ---- training ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if self.train_dataset is None:
+            raise ValueError("DRTrainer.train() needs a train_dataset")
+        n = self._check_train_dataset()
+        planned = self.planned_optimizer_steps()
+        self.ledger = PrivacyLedger(
+            delta=self.target_delta(n),
+            sample_rate=self.expected_batch_size / n,
+            max_grad_norm=self.args.per_sample_max_grad_norm,
+            accountant_name=self.args.accountant,
+            noise_multiplier=self.args.noise_multiplier,
+            target_epsilon=self.args.target_epsilon,
+            disabled=not self.dp_enabled,
+        )
+        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint):
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        resumed_step = 0
+        if resume_from_checkpoint:
+            self.ledger.load_state_dict(load_privacy_state(resume_from_checkpoint)["ledger"])
+            with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
+                resumed_step = json.load(f).get("global_step", 0)
+        self.ledger.calibrate(planned)
+        self._install_privacy_callback(planned)
+        self._log_privacy_parameters(n, planned)
+        self._start_mechanism(resumed_step)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._stop_mechanism()
+
+    def _install_privacy_callback(self, planned: int) -> None:
+        for cb in list(self.callback_handler.callbacks):
+            if isinstance(cb, PrivacyCallback):
+                self.callback_handler.remove_callback(cb)
+        # First in the list, so that its budget stop is seen before any other callback acts on the step.
+        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned))
+
+    def _log_privacy_parameters(self, n: int, planned: int) -> None:
+        if not self.dp_enabled:
+            logger.warning("DRTrainer: disable_dp=True, training WITHOUT differential privacy (epsilon = inf).")
+            return
+        prefix = (
+            f"DRTrainer got a plain TrainingArguments: training with the DR defaults "
+            f"({', '.join(f'{k}={v}' for k, v in SWAP_IN_DEFAULTS.items())}). "
+            if self._swap_in else "DRTrainer: "
+        )
+        logger.warning(
+            "%sprivacy in force: unit=example, N=%d, expected batch=%d, sample_rate=%.5g, noise_multiplier=%.4g, "
+            "per_sample_max_grad_norm=%g, clipping=%s, delta=%.3g, accountant=%s, target_epsilon=%s, planned steps=%d, "
+            "budget lasts %s steps.",
+            prefix, n, self.expected_batch_size, self.ledger.sample_rate, self.ledger.noise_multiplier,
+            self.ledger.max_grad_norm, self.args.clipping, self.ledger.delta, self.args.accountant,
+            self.args.target_epsilon, planned,
+            self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
+        )
+
+    def _start_mechanism(self, resumed_step: int) -> None:
+        params = [p for _, p in trainable_adapter_parameters(self.model)]
+        seed = self.args.noise_seed
+        if seed is not None:
+            # A resumed, seeded run draws fresh noise for the steps it has not taken (never replays old draws).
+            seed = seed + 1_000_003 * resumed_step
+        self._params = params
+        self._mechanism = GaussianGradientMechanism(
+            params,
+            max_grad_norm=self.args.per_sample_max_grad_norm if self.dp_enabled else math.inf,
+            noise_multiplier=self.ledger.noise_multiplier if self.dp_enabled else 0.0,
+            expected_batch_size=self.expected_batch_size,
+            clipping=self.args.clipping,
+            noise_seed=seed,
+        )
+        if self.dp_enabled:
+            from opacus.grad_sample import GradSampleHooks
+
+            # Hooks on the submodules, not a wrapper: the PeftModel stays what save_model/push_to_hub expect.
+            self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="sum", strict=False)
+
+    def _stop_mechanism(self) -> None:
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
+        for p in getattr(self, "_params", []):
+            p.grad_sample = None
+
+    def per_sample_losses(self, model, inputs) -> torch.Tensor:
+        """One loss per example (``[B]``); the private gradient is that of their sum. Override for a custom head."""
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        problem_type = getattr(getattr(self.model, "config", None), "problem_type", None)
+        return per_sample_losses(outputs.logits, labels, self.task, problem_type)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self._mechanism is None:
+            raise RuntimeError("DRTrainer.training_step called outside DRTrainer.train()")
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        loss = torch.zeros((), device=self.args.device)
+        if EMPTY_BATCH_KEY not in inputs:
+            inputs = self._prepare_inputs(inputs)
+            with self.compute_loss_context_manager():
+                losses = self.per_sample_losses(model, inputs)
+            losses.sum().backward()
+            self._collect_gradients(losses.shape[0])
+            loss = losses.detach().sum() / self.expected_batch_size
+        if self.accelerator.sync_gradients:
+            self._release_private_gradient()
+        return loss
+
+    def _collect_gradients(self, batch: int) -> None:
+        """Move this micro-batch's gradients into the mechanism and wipe them from the parameters, so that a
+        raw gradient is never left where the optimizer or a logger could read it."""
+        if self.dp_enabled:
+            samples = []
+            for p in self._params:
+                gs = getattr(p, "grad_sample", None)
+                if gs is None or gs.shape[0] != batch:
+                    raise RuntimeError(
+                        f"no per-sample gradient for a trainable tensor of shape {tuple(p.shape)}: opacus has no grad "
+                        "sampler for its layer (e.g. LoRA on embeddings). Adapt only Linear layers"
+                    )
+                samples.append(gs)
+            self._mechanism.add_per_sample(samples)
+        else:
+            self._mechanism.add_summed([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
+        for p in self._params:
+            p.grad_sample = None
+            p.grad = None
+
+    def _release_private_gradient(self) -> None:
+        # Count first: a release the budget does not allow is refused before any noise is drawn or used.
+        self.ledger.record_step()
+        grads = self._mechanism.release()
+        for hook in self.post_privacy_hooks:
+            grads = hook(grads)  # post-processing of an already private gradient: costs no privacy
+        for p, g in zip(self._params, grads):
+            p.grad = g.to(p.dtype)
+
+    # ---- logging, reporting, saving ----
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.ledger is not None:
+            logs.update(self.ledger.metrics())
+        super().log(logs, *args, **kwargs)
+
+    def privacy_report(self) -> dict:
+        """epsilon per accountant, delta, noise multiplier, sample rate, steps, clipping norm and privacy unit."""
+        if self.ledger is None:
+            raise RuntimeError("privacy_report() is available once train() has started")
+        report = self.ledger.report()
+        report["clipping"] = self.args.clipping
+        report["expected_batch_size"] = self.expected_batch_size
+        return report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.ledger is not None and self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            with open(os.path.join(output_dir, PRIVACY_REPORT_NAME), "w") as f:
+                json.dump(self.privacy_report(), f, indent=2)
