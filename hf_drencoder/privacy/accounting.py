@@ -57,17 +57,30 @@ def gdp_mu(history: Iterable[tuple[float, float, int]]) -> float:
     return math.sqrt(total)
 
 
+def _gdp_delta(eps: float, mu: float) -> float:
+    """delta(eps) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), with the product taken in log
+    space so that large mu (a weak guarantee) does not overflow."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
+
+
 def gdp_epsilon(mu: float, delta: float) -> float:
     """epsilon at ``delta`` of a mu-GDP mechanism (Dong, Roth and Su 2019, Corollary 2.13)."""
     if mu <= 0:
         return 0.0
     if not math.isfinite(mu):
         return math.inf
-    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
+    from scipy.optimize import brentq
 
-    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
+    if _gdp_delta(0.0, mu) <= delta:
         return 0.0
-    return float(eps_from_mu(mu=mu, delta=delta))
+    hi = max(1.0, mu * mu)
+    while _gdp_delta(hi, mu) > delta:
+        hi *= 2
+        if hi > 1e12:
+            return math.inf
+    return float(brentq(lambda e: _gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
 
 
 def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str) -> float:
@@ -93,7 +106,8 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
 
         acc = PRVAccountant()
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    # PRV's discretisation can return a tiny negative number for very weak releases; epsilon is >= 0
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 class PrivacyAccountant:
