@@ -1,0 +1,93 @@
+"""Offline evaluation metrics.
+
+``evaluate.load("accuracy")`` fetches the metric script from the Hugging Face
+Hub, which offline machines cannot reach.  The scripts under this package
+(``accuracy/accuracy.py``, ``f1/f1.py``, ``perplexity/perplexity.py``) are
+``evaluate.Metric`` subclasses written the way ``evaluate`` expects, and are
+loaded by their local path instead, so no network access ever happens.
+They are package data: they must ship in the wheel next to this file.
+"""
+
+import os
+
+import numpy as np
+
+__all__ = ["load_metric", "classification_compute_metrics"]
+
+_METRICS = ("accuracy", "f1", "perplexity")
+_CLASSIFICATION_METRICS = ("accuracy", "f1")
+
+
+def _script_path(name: str) -> str:
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; shipped metrics are {_METRICS}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name, f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the hf_drencoder install lacks its metric scripts "
+            "(package data); reinstall hf-drencoder"
+        )
+    return path
+
+
+def load_metric(name: str, **kwargs):
+    """Load one of the shipped metrics with ``evaluate.load``, offline.
+
+    Args:
+        name: ``"accuracy"``, ``"f1"`` or ``"perplexity"``.
+        **kwargs: passed to ``evaluate.load``.  ``keep_in_memory`` defaults
+            to ``True``: results are then gathered in memory instead of in
+            lock-protected cache files, which avoids lock clashes between
+            several processes (or tests) computing the same metric.
+
+    Returns:
+        An ``evaluate.EvaluationModule``; call ``.compute(...)`` on it.  See
+        the module's ``inputs_description`` for its inputs.
+    """
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    # The full file path, not the folder: evaluate then never falls back to
+    # looking the name up on the Hub.
+    return evaluate.load(_script_path(name), **kwargs)
+
+
+def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
+    """Build a ``compute_metrics`` function for ``transformers.Trainer``.
+
+    The metrics are loaded once, here, rather than at every evaluation.
+
+    Args:
+        metrics: names among ``"accuracy"`` and ``"f1"`` (F1 is macro-averaged).
+
+    Returns:
+        A function that takes an ``EvalPrediction`` (or a ``(logits,
+        labels)`` pair), takes the arg-max of the logits over the last axis
+        and returns a dict such as ``{"accuracy": 0.9, "f1": 0.8}``.
+    """
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    unknown = [m for m in metrics if m not in _CLASSIFICATION_METRICS]
+    if unknown or not metrics:
+        raise ValueError(
+            f"classification metrics must be among {_CLASSIFICATION_METRICS}, got {tuple(metrics)}"
+        )
+    modules = {name: load_metric(name) for name in metrics}
+
+    def compute_metrics(eval_pred):
+        if hasattr(eval_pred, "predictions"):
+            logits, labels = eval_pred.predictions, eval_pred.label_ids
+        else:
+            logits, labels = eval_pred[0], eval_pred[1]
+        if isinstance(logits, (tuple, list)):
+            # Models asked for hidden states or attentions return them after
+            # the logits.
+            logits = logits[0]
+        predictions = np.argmax(np.asarray(logits), axis=-1).reshape(-1)
+        references = np.asarray(labels).reshape(-1)
+        results = {}
+        for name, module in modules.items():
+            results.update(module.compute(predictions=predictions, references=references))
+        return results
+
+    return compute_metrics
