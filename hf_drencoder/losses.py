@@ -47,11 +47,13 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, task: str, pro
     - ``sequence_classification``: cross-entropy, or MSE / BCE following ``config.problem_type``.
     """
     logits = logits.float()
-    if task == "causal_lm":
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
     if task in ("causal_lm", "token_classification"):
-        tok = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        return _token_mean(tok, labels != -100)
+        if task == "causal_lm":
+            # shift the labels, not the logits: slicing [B, T, V] logits would copy them
+            labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        b, t, v = logits.shape
+        tok = F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), ignore_index=-100, reduction="none")
+        return _token_mean(tok.view(b, t), labels != -100)
     if task == "sequence_classification":
         if problem_type == "regression" or (problem_type is None and logits.shape[-1] == 1):
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1), reduction="none")

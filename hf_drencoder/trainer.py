@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
 from .callbacks import PrivacyCallback, load_privacy_state
@@ -160,11 +161,14 @@ class DRTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if not self.args.poisson_sampling:
             return super().get_train_dataloader()
-        import datasets
-
         n = self._check_train_dataset()
         dataset, collator = self.train_dataset, self.data_collator
-        if isinstance(dataset, datasets.Dataset):
+        is_hf_dataset = False
+        if is_datasets_available():
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        if is_hf_dataset:
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
