@@ -1,0 +1,39 @@
+"""Stage 1 of DR-Encoder: private gradient statistics, priors built from them, and the gradient codec
+pre-trained on prior samples (never on real gradients).
+
+Reading order: :mod:`.layout` (gradient <-> flat vector), :mod:`.statistics` (the private release),
+:mod:`.priors` (what the server builds from it), :mod:`.codec` (encoder + noise-aware decoder),
+:mod:`.pretrain` (training on synthetic samples), :mod:`.cli` (``hf-drencoder pretrain-codec``).
+"""
+
+from .codec import DECODERS, GradientCodec, latent_size
+from .layout import Block, LayoutMismatchError, LoraLayout
+from .pretrain import pretrain_codec
+from .priors import PRIORS, GaussianPrior, build_prior
+from .statistics import (
+    PARTS,
+    GradientStatistics,
+    StatisticsAccumulator,
+    collect_gradient_statistics,
+    part_noise_std,
+    statistics_sensitivity,
+)
+
+__all__ = [
+    "Block",
+    "DECODERS",
+    "GaussianPrior",
+    "GradientCodec",
+    "GradientStatistics",
+    "LayoutMismatchError",
+    "LoraLayout",
+    "PARTS",
+    "PRIORS",
+    "StatisticsAccumulator",
+    "build_prior",
+    "collect_gradient_statistics",
+    "latent_size",
+    "part_noise_std",
+    "pretrain_codec",
+    "statistics_sensitivity",
+]
