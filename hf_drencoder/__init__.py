@@ -4,16 +4,23 @@ __version__ = "0.1.0"
 
 from .arguments import DRTrainingArguments
 from .callbacks import PrivacyCallback
+from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
 from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
 from .trainer import DRTrainer
 
 __all__ = [
+    "build_prior",
+    "calibrate_noise_multiplier",
+    "collect_gradient_statistics",
+    "compute_epsilon",
     "DRTrainer",
     "DRTrainingArguments",
+    "GradientCodec",
+    "LayoutMismatchError",
+    "LoraLayout",
+    "pretrain_codec",
     "PrivacyAccountant",
     "PrivacyBudgetError",
     "PrivacyCallback",
     "__version__",
-    "calibrate_noise_multiplier",
-    "compute_epsilon",
 ]

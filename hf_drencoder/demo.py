@@ -83,7 +83,7 @@ def run_demo(demo_args: DemoArguments, train_args: DRTrainingArguments) -> dict:
         "dataset": f"reuters-{demo_args.dataset}",
         "train_examples": len(data["train"]),
         "test_examples": len(test),
-        "steps": report["steps"],
+        "steps": trainer.state.global_step,
         "accuracy": metrics["eval_accuracy"],
         "macro_f1": metrics["eval_f1"],
         "epsilon": report["epsilon"],
@@ -103,9 +103,10 @@ def run_demo(demo_args: DemoArguments, train_args: DRTrainingArguments) -> dict:
 
 def format_result(r: dict) -> str:
     dp = "" if r["epsilon"] != float("inf") else " (DP disabled)"
+    kind = "private" if not dp else "non-private"
     return (
         f"\nhf-drencoder demo: {r['model'].split('/')[-2] if r['model'].endswith('model') else r['model']} + LoRA on "
-        f"{r['dataset']} ({r['train_examples']} train / {r['test_examples']} test), {r['steps']} private steps\n"
+        f"{r['dataset']} ({r['train_examples']} train / {r['test_examples']} test), {r['steps']} {kind} steps\n"
         f"  accuracy  {r['accuracy']:.4f}   macro-F1 {r['macro_f1']:.4f}\n"
         f"  epsilon   {r['epsilon']:.3f} ({r['accountant']}) at delta {r['delta']:.3g}{dp}; "
         f"RDP {r['epsilon_rdp']:.3f}, PRV {r['epsilon_prv']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
