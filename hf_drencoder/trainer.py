@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -294,7 +295,10 @@ class DRTrainer(Trainer):
             inputs = self._prepare_inputs(inputs)
             with self.compute_loss_context_manager():
                 losses = self.per_sample_losses(model, inputs)
-            losses.sum().backward()
+            with warnings.catch_warnings():
+                # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                losses.sum().backward()
             self._collect_gradients(losses.shape[0])
             loss = losses.detach().sum() / self.expected_batch_size
         if self.accelerator.sync_gradients:
