@@ -41,7 +41,7 @@ class PrivacyCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # The noise was calibrated for planned_steps; a different count would make the budget wrong.
-        if state.max_steps != self.planned_steps:
+        if state.max_steps != self.planned_steps and not self.ledger.disabled:
             raise PrivacyBudgetError(
                 f"Trainer planned {state.max_steps} optimizer steps but the noise was calibrated for "
                 f"{self.planned_steps}; refusing to train with a mis-calibrated budget"

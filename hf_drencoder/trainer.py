@@ -104,7 +104,7 @@ class DRTrainer(Trainer):
             )
         if self.args.fp16 or self.args.bf16:
             problems.append("mixed precision (fp16/bf16) is not supported yet under DP; train in fp32")
-        if self.args.gradient_checkpointing:
+        if self.args.gradient_checkpointing or getattr(self.args, "activation_checkpointing", False):
             problems.append("gradient_checkpointing re-runs forward hooks and breaks per-sample gradients; turn it off")
         if self.args.label_smoothing_factor:
             problems.append("label_smoothing_factor is not applied by the per-example loss; set it to 0")

@@ -69,6 +69,16 @@ def dr_args(tmp_path, **kw):
     return DRTrainingArguments(**base)
 
 
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """Offline Hugging Face environment with a throw-away cache home (read by the libraries when loading)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            mp.setenv(var, "1")
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        yield
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -6,21 +6,6 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """Offline Hugging Face environment with a throw-away cache home.
-
-    Libraries read these variables when first imported, so the tests import
-    transformers and datasets only after this fixture has run.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def r8(offline):
     from hf_drencoder.embedded import load_reuters
 

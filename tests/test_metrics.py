@@ -8,21 +8,6 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """Offline Hugging Face environment with a throw-away cache home.
-
-    evaluate reads HF_HOME when first imported, so it is imported only after
-    this fixture has run.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_EVALUATE_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def metrics(offline):
     from hf_drencoder.metrics import load_metric
 

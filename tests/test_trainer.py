@@ -108,6 +108,13 @@ def test_disable_dp_is_a_baseline_through_the_same_path(tmp_path, tiny_llama, lm
     assert trainer.privacy_report()["dp_enabled"] is False
 
 
+def test_disable_dp_with_shuffled_batches_runs_epochs(tmp_path, tiny_llama, lm_dataset):
+    args = dr_args(tmp_path, disable_dp=True, poisson_sampling=False, max_steps=-1, num_train_epochs=1)
+    trainer = DRTrainer(model=tiny_llama, args=args, train_dataset=lm_dataset)
+    trainer.train()
+    assert trainer.state.global_step == 8  # 64 rows / batch 8, Trainer's own shuffled loader
+
+
 def test_swap_in_with_plain_training_arguments_and_plain_model(tmp_path, lm_dataset, caplog):
     args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=8, max_steps=2,
                              report_to="none", disable_tqdm=True, save_strategy="no")

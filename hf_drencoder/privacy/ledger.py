@@ -56,7 +56,7 @@ class PrivacyLedger:
         if self.target_epsilon is not None:
             more = max_steps_within_budget(
                 self.target_epsilon, self.delta, self.noise_multiplier, self.sample_rate, self.accountant_name,
-                prior, upper=max(planned_steps - self.steps, 0) + 1,
+                prior, upper=max(planned_steps - self.steps, 1),
             )
             self.max_total_steps = self.steps + more
             if more == 0:
