@@ -102,6 +102,11 @@ class DRTrainer(Trainer):
             problems.append(
                 f"{self.args.world_size} processes: data-parallel DP is not supported yet; run one process"
             )
+        if self.args.n_gpu > 1:
+            problems.append(
+                f"{self.args.n_gpu} GPUs in one process (torch DataParallel replicates the hooked modules); "
+                "set CUDA_VISIBLE_DEVICES to one GPU"
+            )
         if self.args.fp16 or self.args.bf16:
             problems.append("mixed precision (fp16/bf16) is not supported yet under DP; train in fp32")
         if self.args.gradient_checkpointing or getattr(self.args, "activation_checkpointing", False):
