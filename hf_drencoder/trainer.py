@@ -32,6 +32,7 @@ from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
+from .privacy.per_sample import pop_per_sample_gradients
 from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -314,20 +315,10 @@ class DRTrainer(Trainer):
         """Move this micro-batch's gradients into the mechanism and wipe them from the parameters, so that a
         raw gradient is never left where the optimizer or a logger could read it."""
         if self.dp_enabled:
-            samples = []
-            for p in self._params:
-                gs = getattr(p, "grad_sample", None)
-                if gs is None or gs.shape[0] != batch:
-                    raise RuntimeError(
-                        f"no per-sample gradient for a trainable tensor of shape {tuple(p.shape)}: opacus has no grad "
-                        "sampler for its layer (e.g. LoRA on embeddings). Adapt only Linear layers"
-                    )
-                samples.append(gs)
-            self._mechanism.add_per_sample(samples)
-        else:
-            self._mechanism.add_summed([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
+            self._mechanism.add_per_sample(pop_per_sample_gradients(self._params, batch))
+            return
+        self._mechanism.add_summed([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
         for p in self._params:
-            p.grad_sample = None
             p.grad = None
 
     def _release_private_gradient(self) -> None:

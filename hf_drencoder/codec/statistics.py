@@ -41,6 +41,7 @@ import torch
 from ..privacy.accounting import PrivacyAccountant
 from ..privacy.clipping import clip_and_sum, per_sample_norms
 from ..privacy.noise import gaussian_noise_like, make_generator
+from ..privacy.per_sample import pop_per_sample_gradients
 from .layout import LoraLayout
 
 PARTS = ("sum", "sumsq", "row_sumsq", "col_sumsq")
@@ -317,15 +318,9 @@ def per_sample_gradients(model: torch.nn.Module, hooks, batch: dict, task: str, 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs)
-    per_sample_losses(out.logits, labels, task, problem_type).sum().backward()
-    grads = []
-    for p in params:
-        if getattr(p, "grad_sample", None) is None:
-            raise RuntimeError("a trainable tensor got no per-sample gradient; is the model in train() mode?")
-        grads.append(p.grad_sample.detach())
-        p.grad_sample = None
-        p.grad = None
-    return grads
+    losses = per_sample_losses(out.logits, labels, task, problem_type)
+    losses.sum().backward()
+    return pop_per_sample_gradients(params, losses.shape[0])
 
 
 def collect_gradient_statistics(
