@@ -105,3 +105,10 @@ def test_gdp_epsilon_matches_opacus_and_handles_weak_guarantees():
     for mu in (0.1, 0.5, 1.0, 3.0):
         assert gdp_epsilon(mu, 1e-5) == pytest.approx(eps_from_mu(mu=mu, delta=1e-5), rel=1e-6)
     assert math.isfinite(gdp_epsilon(40.0, 1e-5)) and gdp_epsilon(40.0, 1e-5) > gdp_epsilon(30.0, 1e-5) > 400
+
+
+def test_prv_that_cannot_be_computed_reports_infinity():
+    # sigma 1e-6: PRV's grid would need petabytes; the answer must be "unbounded", never a crash or a small number
+    assert compute_epsilon([(1e-6, 0.125, 3)], 1 / 64, "prv") == math.inf
+    assert compute_epsilon([(1e-6, 0.125, 3)], 1 / 64, "rdp") > 1e6
+    assert gdp_mu([(1e-6, 0.125, 3)]) == math.inf and compute_epsilon([(1e-6, 0.125, 3)], 1 / 64, "gdp") == math.inf

@@ -68,6 +68,29 @@ def test_noise_std_through_the_trainer_with_accumulation(tmp_path, lm_dataset):
     assert x.std().item() == pytest.approx(expected, rel=5 / math.sqrt(2 * x.numel()))
 
 
+def test_every_released_step_is_bounded_by_clipping(tmp_path, tiny_llama, lm_dataset):
+    # With little noise, a released step is at most (drawn examples) x C / B: clipping is what bounds it.
+    C = 1e-3
+    sigma = 1e-3  # noise norm sigma*C/B*sqrt(4096) = 0.064 C/B, against a bound of ~8 C/B
+    args = dr_args(tmp_path, noise_multiplier=sigma, per_sample_max_grad_norm=C, max_steps=6, accountant="rdp")
+    trainer = DRTrainer(model=tiny_llama, args=args, train_dataset=lm_dataset)
+    drawn, orig = [], trainer.per_sample_losses
+
+    def counting(model, inputs):
+        losses = orig(model, inputs)
+        drawn.append(losses.shape[0])
+        return losses
+
+    trainer.per_sample_losses = counting
+    released = capture_releases(trainer)
+    trainer.train()
+    assert len(drawn) == len(released) == 6  # one micro-batch per step here, none empty at q = 1/8
+    for b, r in zip(drawn, released):
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in r))
+        noise = 5 * sigma * C / 8 * math.sqrt(sum(g.numel() for g in r))
+        assert 0.5 * C / 8 < norm <= b * C / 8 + noise  # un-clipped LM gradients are orders larger
+
+
 def test_logged_grad_norm_is_of_the_private_gradient(tmp_path, tiny_llama, lm_dataset):
     trainer = DRTrainer(model=tiny_llama, args=dr_args(tmp_path, noise_multiplier=3.0), train_dataset=lm_dataset)
     released = capture_releases(trainer)

@@ -19,6 +19,9 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 # (a valid but loose bound); extending the grid only tightens it.
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
 
+# Below this noise multiplier the PRV accountant is not evaluated (its grid cannot be built) and reports inf.
+_PRV_MIN_NOISE_MULTIPLIER = 0.02
+
 # sigma above this is treated as "calibration failed": the budget cannot be met with the planned steps.
 _MAX_NOISE_MULTIPLIER = 1e4
 
@@ -56,6 +59,8 @@ def gdp_mu(history: Iterable[tuple[float, float, int]]) -> float:
         if q >= 1.0:
             mu = math.sqrt(steps) / sigma
         else:
+            if sigma**-2 > 700:  # exp overflows: no meaningful privacy is left
+                return math.inf
             mu = q * math.sqrt(steps * math.expm1(sigma**-2))
         total += mu * mu
     return math.sqrt(total)
@@ -112,8 +117,17 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
     acc.history = list(history)
     if accountant == "rdp":
         return max(0.0, float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS)))
-    # PRV's discretisation can return a tiny negative number for very weak releases; epsilon is >= 0
-    return max(0.0, float(acc.get_epsilon(delta=delta)))
+    if min(sigma for sigma, _, _ in history) < _PRV_MIN_NOISE_MULTIPLIER:
+        # PRV's grid explodes for tiny noise (it returns inf at 0.01 and exhausts memory below): report
+        # infinity without trying; such a release bounds nothing useful anyway (RDP gives thousands).
+        return math.inf
+    try:
+        # PRV's discretisation can return a tiny negative number for very weak releases; epsilon is >= 0
+        return max(0.0, float(acc.get_epsilon(delta=delta)))
+    except (MemoryError, OverflowError, ValueError):
+        # For very small noise multipliers (< ~0.01) PRV's grid cannot be built. Report infinity: an
+        # accountant that cannot bound the loss must never be read as a small epsilon.
+        return math.inf
 
 
 class PrivacyAccountant:
