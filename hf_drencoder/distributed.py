@@ -8,7 +8,7 @@ drawn by the main process is in it.
 from __future__ import annotations
 
 import torch
-from accelerate.utils import reduce
+from accelerate.utils import broadcast_object_list, reduce
 
 
 def sum_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -22,4 +22,11 @@ def sum_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["sum_over_processes"]
+def from_main_process(value):
+    """``value`` as the main process has it, on every process (a no-op in one process)."""
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+__all__ = ["from_main_process", "sum_over_processes"]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import warnings
 from typing import Callable
 
@@ -29,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
-from .distributed import sum_over_processes
+from .distributed import from_main_process, sum_over_processes
 from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
@@ -187,6 +188,21 @@ class DRTrainer(Trainer):
     def _steps_per_epoch(self, n: int) -> int:
         return max(n // self.expected_batch_size, 1)
 
+    def _sampling_seed(self) -> int:
+        """Seed of the Poisson sampler. Under DP it is secret like the noise: the accountants' amplification by
+        subsampling assumes nobody knows which examples a step used, and ``seed`` / ``data_seed`` are saved
+        with the run's arguments. So: fresh OS entropy (the same on every process), or derived from
+        ``noise_seed`` when that is set (reproducible runs for tests). Without DP: ``data_seed`` or ``seed``."""
+        if not self.dp_enabled:
+            return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if getattr(self, "_secret_sampling_seed", None) is None:
+            if self.args.noise_seed is not None:
+                seed = (self.args.noise_seed * 1_000_033 + 7) % (2**62)
+            else:
+                seed = secrets.randbits(62)
+            self._secret_sampling_seed = from_main_process(seed) if self.args.world_size > 1 else seed
+        return self._secret_sampling_seed
+
     def planned_optimizer_steps(self) -> int:
         """Optimizer steps Trainer will run: the number the noise is calibrated for."""
         if self.args.max_steps > 0:
@@ -212,7 +228,7 @@ class DRTrainer(Trainer):
             sample_rate=self.expected_batch_size / n,
             steps_per_epoch=self._steps_per_epoch(n),
             micro_batches=self.args.gradient_accumulation_steps,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            seed=self._sampling_seed(),
             num_replicas=self.args.world_size,
             rank=self.args.process_index,
         )
@@ -237,6 +253,7 @@ class DRTrainer(Trainer):
             raise ValueError("DRTrainer.train() needs a train_dataset")
         n = self._check_train_dataset()
         planned = self.planned_optimizer_steps()
+        self._secret_sampling_seed = None  # every run draws its own (secret) batches
         self.ledger = PrivacyLedger(
             delta=self.target_delta(n),
             sample_rate=self.expected_batch_size / n,
@@ -362,7 +379,7 @@ class DRTrainer(Trainer):
             num_batches=self.args.codec_stats_batches,
             accountant=stage1 if self.dp_enabled else None,
             micro_batch_size=self.args.per_device_train_batch_size,
-            seed=self.args.seed,
+            seed=self._sampling_seed() + 1,
             noise_seed=seed,
             progress=not self.args.disable_tqdm,
         )

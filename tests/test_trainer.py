@@ -329,3 +329,17 @@ def test_push_to_hub_uploads_the_adapter_and_privacy_report(tmp_path, monkeypatc
     (repo, files), = uploads
     assert repo == "user/out"
     assert {"adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "README.md"} <= set(files)
+
+
+def test_poisson_batches_do_not_follow_the_public_seed(tmp_path, lm_dataset):
+    # seed/data_seed are saved with the run's arguments; under DP the batches must not be derivable from them
+    def batches(noise_seed, seed=0):
+        trainer = DRTrainer(model=make_tiny_llama(), args=dr_args(tmp_path, noise_seed=noise_seed, seed=seed),
+                            train_dataset=lm_dataset)
+        trainer._secret_sampling_seed = None
+        return [b for b in trainer.get_train_dataloader().batch_sampler]
+
+    assert batches(None) != batches(None)  # fresh entropy each run, same public seed
+    assert batches(5) == batches(5, seed=1)  # noise_seed (tests only) makes them reproducible, seed does not matter
+    plain = DRTrainer(model=make_tiny_llama(), args=dr_args(tmp_path, disable_dp=True, seed=4), train_dataset=lm_dataset)
+    assert plain._sampling_seed() == 4  # without DP the usual seeds apply

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -335,7 +336,7 @@ def collect_gradient_statistics(
     accountant: PrivacyAccountant | None = None,
     parts: Sequence[str] = DEFAULT_PARTS,
     micro_batch_size: int = 32,
-    seed: int = 0,
+    seed: int | None = None,
     noise_seed: int | None = None,
     progress: bool = True,
 ) -> GradientStatistics:
@@ -361,7 +362,11 @@ def collect_gradient_statistics(
     task = infer_task(model)
     problem_type = getattr(getattr(model, "config", None), "problem_type", None)
     acc = StatisticsAccumulator(layout, max_grad_norm, noise_multiplier, q, n, parts, accountant, noise_seed)
-    sampler = PoissonBatchSampler(n, q, steps_per_epoch=num_batches, micro_batches=1, seed=seed)
+    # the sampling is secret like the noise (amplification by subsampling assumes nobody knows the batches):
+    # fresh OS entropy unless a seed is given (reproducible runs for tests)
+    sampler = PoissonBatchSampler(
+        n, q, steps_per_epoch=num_batches, micro_batches=1, seed=seed if seed is not None else secrets.randbits(62)
+    )
     was_training = model.training
     model.train()  # opacus hooks capture nothing in eval mode
     hooks = attach_grad_sample_hooks(model)
