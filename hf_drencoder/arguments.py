@@ -11,6 +11,8 @@ from transformers import TrainingArguments
 from .privacy.accounting import ACCOUNTANTS
 from .privacy.clipping import CLIPPING_MODES
 
+NOISE_SPACES = ("gradient", "latent")
+
 # What a plain TrainingArguments gets when it is handed to DRTrainer (the swap-in case).
 SWAP_IN_DEFAULTS = {"target_epsilon": 8.0}
 
@@ -29,6 +31,16 @@ class DRTrainingArguments(TrainingArguments):
         clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)).
         noise_seed: seed of the noise generator (default: fresh OS entropy; set it only for reproducibility).
         disable_dp: a non-private baseline through the same code path (no clipping, no noise, epsilon = inf).
+
+    DR-Encoder codec (stage 2; see docs/codec.md):
+        codec: ``None`` (send the LoRA gradient as is), ``"auto"`` (run stage 1 on the training data first:
+            private statistics, prior, codec; its cost is in the same accountant), or a path / Hub id of a saved
+            :class:`~hf_drencoder.codec.GradientCodec`. A codec object can also be passed to ``DRTrainer(codec=...)``.
+        noise_space: gradient (clip and noise the gradient, then encode: the codec is post-processing) |
+            latent (encode each example's gradient with the codec's fixed linear encoder, clip and noise the
+            latents: noise in k << d dimensions).
+        codec_latent_ratio, codec_prior, codec_stats_noise_multiplier, codec_stats_batches,
+        codec_stats_batch_size: stage 1 of ``codec="auto"``.
 
     LoRA (used only when the model is not a ``PeftModel`` and no ``peft_config`` is given):
         lora_r, lora_alpha, lora_dropout, lora_target_modules.
@@ -82,6 +94,35 @@ class DRTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Train without privacy through the same code path (a baseline). epsilon is reported as inf."},
     )
+    codec: str | None = field(
+        default=None,
+        metadata={"help": "DR-Encoder gradient codec: 'auto' (stage 1 on the training data, privately, before "
+                  "training), a path or Hub id of a saved GradientCodec, or unset (no codec)."},
+    )
+    noise_space: str = field(
+        default="gradient",
+        metadata={"help": "Where clipping and noise happen with a codec: 'gradient' (then encode; the encoder only "
+                  "sees noised gradients) or 'latent' (clip and noise per-example latents of the codec's fixed "
+                  "linear encoder).", "choices": list(NOISE_SPACES)},
+    )
+    codec_latent_ratio: float = field(
+        default=1 / 64, metadata={"help": "codec='auto': latent size over LoRA gradient size (the uplink ratio)."}
+    )
+    codec_prior: str = field(
+        default="lowrank",
+        metadata={"help": "codec='auto': prior built from the stage-1 statistics (paper, element, lowrank).",
+                  "choices": ["paper", "element", "lowrank"]},
+    )
+    codec_stats_noise_multiplier: float = field(
+        default=1.0, metadata={"help": "codec='auto': noise multiplier of the stage-1 statistics release."}
+    )
+    codec_stats_batches: int = field(
+        default=4, metadata={"help": "codec='auto': number of Poisson batches whose statistics stage 1 releases."}
+    )
+    codec_stats_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "codec='auto': expected batch of each stage-1 release (default: min(256, N))."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the default LoRA config (plain model, no peft_config)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
@@ -100,6 +141,16 @@ class DRTrainingArguments(TrainingArguments):
             raise ValueError(f"accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
         if self.clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
+        if self.noise_space not in NOISE_SPACES:
+            raise ValueError(f"noise_space={self.noise_space!r} is unknown: choose one of {', '.join(NOISE_SPACES)}")
+        if self.noise_space == "latent" and self.clipping != "flat":
+            raise ValueError("noise_space='latent' clips the whole latent of an example: use clipping='flat'")
+        if self.codec is not None and self.codec == "auto" and not (
+            self.codec_stats_noise_multiplier > 0 and math.isfinite(self.codec_stats_noise_multiplier)
+        ):
+            raise ValueError("codec_stats_noise_multiplier must be positive and finite (stage 1 is a private release)")
+        if self.codec_stats_batches < 1:
+            raise ValueError("codec_stats_batches must be >= 1")
         if self.target_delta is not None and not (0 < self.target_delta < 1):
             raise ValueError(f"target_delta={self.target_delta} must be in (0, 1); typically well below 1/N")
         if self.disable_dp:

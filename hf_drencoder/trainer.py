@@ -3,8 +3,11 @@
 One private optimizer step (DESIGN.md section 2):
 
     Poisson batch -> per-example loss -> per-sample LoRA gradients (opacus hooks) -> clip each to C -> sum
-    -> + N(0, sigma^2 C^2) once -> [post-processing hooks, e.g. a gradient codec] -> / expected batch
-    -> param.grad -> optimizer.step(); the accountant counts the release.
+    -> + N(0, sigma^2 C^2) once -> / expected batch -> [codec: encode -> decode, noise-aware]
+    -> [post-processing hooks] -> param.grad -> optimizer.step(); the accountant counts the release.
+
+With ``noise_space="latent"`` each example's gradient is first encoded by the codec's fixed linear encoder
+and the latents are clipped and noised instead (the same Gaussian mechanism, in k << d dimensions).
 
 Everything is done inside ``training_step`` so that nothing Trainer does after it (``grad_norm`` logging,
 callbacks, the optimizer) ever sees an un-noised gradient.
@@ -26,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
-from .callbacks import PrivacyCallback, load_privacy_state
+from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
@@ -49,6 +52,8 @@ class DRTrainer(Trainer):
         args: ``DRTrainingArguments``; a plain ``TrainingArguments`` is accepted and gets the DR defaults
             (target_epsilon=8, delta=1/N, C=1, PRV accountant, Poisson sampling).
         peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
+        codec: a :class:`~hf_drencoder.codec.GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
+            (stage 1 on the training data before training); overrides ``args.codec``. See docs/codec.md.
         Every other argument is Trainer's.
 
     Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
@@ -56,7 +61,9 @@ class DRTrainer(Trainer):
     Trainer does; they are not covered by the guarantee.
     """
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *trainer_args, peft_config=None, **kwargs):
+    def __init__(
+        self, model=None, args: TrainingArguments | None = None, *trainer_args, peft_config=None, codec=None, **kwargs
+    ):
         if kwargs.get("model_init") is not None:
             raise ValueError("DRTrainer does not support model_init: pass the model (the adapter is checked before training)")
         if args is None:
@@ -83,6 +90,11 @@ class DRTrainer(Trainer):
             self.args.max_grad_norm = 0.0
         self.task = infer_task(self.model)
         self.post_privacy_hooks: list[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = []
+        self._codec_spec = codec if codec is not None else self.args.codec
+        if self.args.noise_space == "latent" and self._codec_spec is None:
+            raise ValueError("noise_space='latent' needs a codec: pass codec= or set codec='auto'")
+        self.codec = None  # the GradientCodec in use, set up by train()
+        self.layout = None
         self.ledger: PrivacyLedger | None = None
         self._mechanism: GaussianGradientMechanism | None = None
         self._hooks = None
@@ -220,7 +232,10 @@ class DRTrainer(Trainer):
             self.ledger.load_state_dict(load_privacy_state(resume_from_checkpoint)["ledger"])
             with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
                 resumed_step = json.load(f).get("global_step", 0)
+        stage1 = self._setup_codec(resume_from_checkpoint, n)
         self.ledger.calibrate(planned)
+        if stage1 is not None:
+            self._pretrain_codec(stage1)
         self._install_privacy_callback(planned)
         self._log_privacy_parameters(n, planned)
         self._start_mechanism(resumed_step)
@@ -229,12 +244,138 @@ class DRTrainer(Trainer):
         finally:
             self._stop_mechanism()
 
+    # ---- the DR-Encoder codec ----
+
+    @property
+    def codec_noise_std(self) -> float:
+        """Per-coordinate noise std of the released mean gradient (or latent): sigma C / B. The decoder needs it."""
+        if not self.dp_enabled or self.ledger is None or not self.ledger.noise_multiplier:
+            return 0.0
+        return self.ledger.noise_multiplier * self.args.per_sample_max_grad_norm / self.expected_batch_size
+
+    def _setup_codec(self, resume_from_checkpoint, n: int):
+        """Load or build the codec before the noise is calibrated, so that a prior's privacy cost (stage 1) is
+        in the ledger first. Returns the stage-1 statistics when a codec still has to be pre-trained from them."""
+        from .codec import GradientCodec, LoraLayout
+
+        self.layout = LoraLayout.from_model(self.model)
+        spec = self._codec_spec
+        if spec is None:
+            self.codec = None
+            return None
+        saved = os.path.join(resume_from_checkpoint, CODEC_DIR) if resume_from_checkpoint else None
+        if saved is not None and os.path.isdir(saved):
+            # The checkpoint's codec (with its temporal state); its stage-1 cost is already in the saved ledger.
+            self.codec = self._checked_codec(GradientCodec.from_pretrained(saved, model=self.model))
+            return None
+        if resume_from_checkpoint:
+            if isinstance(spec, str) and spec == "auto":
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {CODEC_DIR}/ folder: the codec built by codec='auto' cannot be "
+                    "rebuilt without paying for stage 1 again. Resume from a checkpoint written by this run"
+                )
+            logger.warning("DRTrainer: %s has no codec state; resuming with a fresh codec state", resume_from_checkpoint)
+        elif isinstance(spec, str) and spec == "auto":
+            return self._stage1_statistics(n)
+        codec = spec if isinstance(spec, GradientCodec) else GradientCodec.from_pretrained(spec, model=self.model)
+        self.codec = self._checked_codec(codec)
+        self.codec.reset_state()
+        if self.dp_enabled and not resume_from_checkpoint:
+            history = self.codec.stage1_history
+            if history is None:
+                raise PrivacyBudgetError(
+                    "the codec does not record what its prior cost (stage1_privacy is unknown): a prior fitted to "
+                    "private data would leak it through the decoder and, with noise_space='latent', the encoder. "
+                    "Use a codec built by hf-drencoder stage 1 (pretrain-codec, or codec='auto'), whose cost is "
+                    "recorded and added to this run's accountant, or call codec.mark_public(reason) if its prior "
+                    "depends on no private data"
+                )
+            self.ledger.record_prior_releases(history, source="codec stage 1")
+        return None
+
+    def _checked_codec(self, codec):
+        codec.check_layout(self.layout)
+        if self.args.noise_space == "latent" and codec.lora_rank > 0:
+            raise ValueError(
+                f"noise_space='latent' needs an encoder that is a fixed linear map, but this codec's low-rank part "
+                f"(lora_rank={codec.lora_rank}) is a power iteration on each input, so the per-example latents would "
+                "depend on the private data in a way no clipping bounds. Use a codec with lora_rank=0 (codec='auto' "
+                "builds one in latent mode) or noise_space='gradient'"
+            )
+        return codec.to(self.args.device)
+
+    def _stage1_statistics(self, n: int):
+        """Stage 1 of codec='auto': privatised statistics of clipped per-example gradients of the training data,
+        recorded in this run's accountant (the same Gaussian mechanism and unit as training)."""
+        from .codec import collect_gradient_statistics
+        from .privacy.accounting import PrivacyAccountant
+
+        dataset, collator = self.train_dataset, self.data_collator
+        if is_datasets_available():
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+        device = self.args.device
+
+        def collate(rows):
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(rows).items()}
+
+        batch = self.args.codec_stats_batch_size or min(256, n)
+        seed = None if self.args.noise_seed is None else self.args.noise_seed + 17
+        logger.warning(
+            "DRTrainer: codec='auto', stage 1: releasing gradient statistics of %d Poisson batches of expected size %d "
+            "(noise multiplier %g); the cost is added to this run's accountant.",
+            self.args.codec_stats_batches, batch, self.args.codec_stats_noise_multiplier,
+        )
+        stage1 = PrivacyAccountant(self.ledger.delta, self.args.accountant)
+        stats = collect_gradient_statistics(
+            self.model, dataset, collate,
+            max_grad_norm=self.args.per_sample_max_grad_norm,
+            noise_multiplier=self.args.codec_stats_noise_multiplier,
+            expected_batch_size=batch,
+            num_batches=self.args.codec_stats_batches,
+            accountant=stage1 if self.dp_enabled else None,
+            micro_batch_size=self.args.per_device_train_batch_size,
+            seed=self.args.seed,
+            noise_seed=seed,
+            progress=not self.args.disable_tqdm,
+        )
+        if self.dp_enabled:
+            self.ledger.record_prior_releases(stage1.history, source="codec='auto' stage 1")
+        return stats
+
+    def _pretrain_codec(self, stats) -> None:
+        from .codec import build_prior, pretrain_codec
+
+        prior = build_prior(stats, self.args.codec_prior, expected_batch_size=self.expected_batch_size)
+        s = self.codec_noise_std
+        codec = pretrain_codec(
+            prior, self.args.codec_latent_ratio, noise_std=(s / 4, s) if s > 0 else None,
+            lora_rank=0 if self.args.noise_space == "latent" else None, seed=self.args.seed,
+            progress=not self.args.disable_tqdm,
+        )
+        self.codec = self._checked_codec(codec)
+
+    @property
+    def uplink_bytes(self) -> int:
+        """Bytes one step sends off the party: the fp32 latent with a codec, the fp32 LoRA gradient without."""
+        if self.codec is not None:
+            return self.codec.payload_bytes
+        return 4 * (self.layout.dim if self.layout is not None else sum(p.numel() for p in self._params))
+
+    @property
+    def uplink_ratio(self) -> float:
+        return self.uplink_bytes / (4 * self.layout.dim)
+
     def _install_privacy_callback(self, planned: int) -> None:
         for cb in list(self.callback_handler.callbacks):
             if isinstance(cb, PrivacyCallback):
                 self.callback_handler.remove_callback(cb)
         # First in the list, so that its budget stop is seen before any other callback acts on the step.
-        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned))
+        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned, codec=self.codec))
 
     def _log_privacy_parameters(self, n: int, planned: int) -> None:
         if not self.dp_enabled:
@@ -262,8 +403,10 @@ class DRTrainer(Trainer):
             # A resumed, seeded run draws fresh noise for the steps it has not taken (never replays old draws).
             seed = seed + 1_000_003 * resumed_step
         self._params = params
+        latent = self.codec is not None and self.args.noise_space == "latent"
         self._mechanism = GaussianGradientMechanism(
-            params,
+            # in latent space the mechanism's one "tensor" is the latent; only its shape and device are used
+            [torch.zeros(self.codec.latent_dim, device=params[0].device)] if latent else params,
             max_grad_norm=self.args.per_sample_max_grad_norm if self.dp_enabled else math.inf,
             noise_multiplier=self.ledger.noise_multiplier if self.dp_enabled else 0.0,
             expected_batch_size=self.expected_batch_size,
@@ -311,13 +454,25 @@ class DRTrainer(Trainer):
             self._release_private_gradient()
         return loss
 
+    @property
+    def _latent_noise(self) -> bool:
+        return self.codec is not None and self.args.noise_space == "latent"
+
     def _collect_gradients(self, batch: int) -> None:
         """Move this micro-batch's gradients into the mechanism and wipe them from the parameters, so that a
         raw gradient is never left where the optimizer or a logger could read it."""
         if self.dp_enabled:
-            self._mechanism.add_per_sample(pop_per_sample_gradients(self._params, batch))
+            grads = pop_per_sample_gradients(self._params, batch)
+            if self._latent_noise:
+                # the encoder is a fixed linear map (public prior + released history): clipping the latents
+                # bounds each example's influence on the released latent by C
+                grads = [self.codec.encode(self.layout.flatten(grads), self.codec_noise_std)]
+            self._mechanism.add_per_sample(grads)
             return
-        self._mechanism.add_summed([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if self._latent_noise:
+            grads = [self.codec.encode(self.layout.flatten(grads), 0.0)]
+        self._mechanism.add_summed(grads)
         for p in self._params:
             p.grad = None
 
@@ -325,6 +480,13 @@ class DRTrainer(Trainer):
         # Count first: a release the budget does not allow is refused before any noise is drawn or used.
         self.ledger.record_step()
         grads = self._mechanism.release()
+        if self._latent_noise:
+            decoded = self.codec.decode(grads[0], self.codec_noise_std)
+            self.codec.observe(decoded)  # the temporal state follows released (decoded) gradients only
+            grads = self.layout.unflatten(decoded)
+        elif self.codec is not None:
+            # the encoder sees the noised mean only: encoding and decoding are post-processing
+            grads = self.codec.roundtrip(grads, noise_std=self.codec_noise_std)
         for hook in self.post_privacy_hooks:
             grads = hook(grads)  # post-processing of an already private gradient: costs no privacy
         for p, g in zip(self._params, grads):
@@ -335,6 +497,8 @@ class DRTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.ledger is not None:
             logs.update(self.ledger.metrics())
+            logs["uplink_bytes"] = self.uplink_bytes
+            logs["uplink_ratio"] = self.uplink_ratio
         super().log(logs, *args, **kwargs)
 
     def privacy_report(self) -> dict:
@@ -344,6 +508,14 @@ class DRTrainer(Trainer):
         report = self.ledger.report()
         report["clipping"] = self.args.clipping
         report["expected_batch_size"] = self.expected_batch_size
+        report["uplink_bytes"] = self.uplink_bytes
+        report["uplink_ratio"] = self.uplink_ratio
+        report["noise_space"] = self.args.noise_space if self.codec is not None else None
+        if self.codec is not None:
+            report["codec_latent_ratio"] = self.codec.latent_ratio
+            report["codec_latent_dim"] = self.codec.latent_dim
+            report["codec_prior"] = self.codec.prior_kind
+            report["codec_stage1_privacy"] = self.codec.stage1_privacy
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

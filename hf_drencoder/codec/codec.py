@@ -71,6 +71,18 @@ def _single_threaded(fn):
     return wrapper
 
 
+def _check_provenance(info: dict | None) -> dict | None:
+    if info is None:
+        return None
+    if not isinstance(info, dict) or not (info.get("public") is True or "history" in info):
+        raise ValueError(f"stage1_privacy must be None, {{'public': True, ...}} or {{'history': [...]}}, got {info!r}")
+    if "history" in info:
+        for entry in info["history"]:
+            if len(entry) != 3:
+                raise ValueError(f"stage1_privacy history entries are [sigma, q, releases], got {entry!r}")
+    return dict(info)
+
+
 def check_latent_ratio(ratio: float) -> float:
     ratio = float(ratio)
     if not (math.isfinite(ratio) and 0 < ratio <= 1):
@@ -151,6 +163,11 @@ class GradientCodec(
         hidden_size: width of the residual MLP.
         seed: seed of the tie-breaking among equal prior variances.
         pretrain_report: held-out losses recorded by :func:`pretrain_codec`.
+        stage1_privacy: where the prior came from, for the privacy ledger of whoever trains with the codec:
+            ``{"history": [[sigma, q, releases], ...], "unit": "example"}`` when it was built from privatised
+            statistics (:func:`build_prior` records this; :class:`DRTrainer` adds the history to its accountant),
+            ``{"public": True, "reason": ...}`` after :meth:`mark_public`, ``None`` when unknown (refused for
+            training on private data: the prior may encode it).
     """
 
     def __init__(
@@ -169,6 +186,7 @@ class GradientCodec(
         hidden_size: int = 256,
         seed: int = 0,
         pretrain_report: dict | None = None,
+        stage1_privacy: dict | None = None,
     ):
         super().__init__()
         if decoder not in DECODERS:
@@ -207,6 +225,7 @@ class GradientCodec(
         self.decoder_kind = decoder
         self.seed = seed
         self.pretrain_report = pretrain_report
+        self.stage1_privacy = _check_provenance(stage1_privacy)
         d = self.layout.dim
         self.register_buffer("prior_mean", torch.zeros(d))
         self.register_buffer("prior_var", torch.ones(d))
@@ -241,6 +260,11 @@ class GradientCodec(
     @classmethod
     def from_prior(cls, prior: GaussianPrior, latent_ratio: float = 1 / 64, **kwargs) -> "GradientCodec":
         """A codec whose encoder and MMSE decoder are the optimal linear ones for ``prior``."""
+        if "stage1_privacy" not in kwargs and prior.meta.get("privacy_history") is not None:
+            kwargs["stage1_privacy"] = {
+                "history": [list(h) for h in prior.meta["privacy_history"]],
+                "unit": prior.meta.get("privacy_unit", "example"),
+            }
         codec = cls(layout=prior.layout.to_dict(), latent_ratio=latent_ratio, prior_kind=prior.kind, **kwargs)
         codec.set_prior(prior)
         return codec
@@ -258,6 +282,25 @@ class GradientCodec(
         self.selected.copy_(torch.sort(order[: self.num_selected]).values)
         self._version += 1
         self.reset_state()
+
+    # provenance -------------------------------------------------------------------------------------------
+    def mark_public(self, reason: str) -> "GradientCodec":
+        """Declare that the codec's prior depends on no private data of the run it is used in (e.g. it was built
+        from public gradients or by hand). Training then adds no stage-1 cost. A false declaration voids the
+        guarantee; ``reason`` is stored in the config and in the privacy report."""
+        if not reason or not str(reason).strip():
+            raise ValueError("mark_public needs a reason (what public data the prior came from)")
+        self._record_config("stage1_privacy", {"public": True, "reason": str(reason)})
+        return self
+
+    @property
+    def stage1_history(self) -> list[tuple[float, float, int]] | None:
+        """The (sigma, q, releases) the prior cost, ``[]`` for a public codec, ``None`` when unknown."""
+        if self.stage1_privacy is None:
+            return None
+        if self.stage1_privacy.get("public"):
+            return []
+        return [(float(s), float(q), int(t)) for s, q, t in self.stage1_privacy["history"]]
 
     # AR(1) temporal prior --------------------------------------------------------------------------------
     def _tie_break(self) -> torch.Tensor:

@@ -179,6 +179,9 @@ def build_prior(
         "floor": floor,
         "stats_noise_multiplier": stats.noise_multiplier,
         "stats_expected_examples": stats.expected_examples,
+        # what the release of ``stats`` cost: a codec built from this prior carries it into training's ledger
+        "privacy_history": [[stats.noise_multiplier, stats.sample_rate, stats.num_releases]],
+        "privacy_unit": stats.meta.get("privacy_unit", "example"),
     }
     return GaussianPrior(layout, mean, var, kind, sample_rank if sample_rank is not None else rank, meta)
 

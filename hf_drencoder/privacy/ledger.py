@@ -31,6 +31,7 @@ class PrivacyLedger:
     disabled: bool = False
     accountant: PrivacyAccountant = field(init=False)
     max_total_steps: int | None = field(default=None, init=False)
+    prior_steps: int = field(default=0, init=False)
     _cache: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -38,7 +39,8 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        return self.accountant.steps
+        """Training releases so far (the history may also hold releases made before training, e.g. stage 1)."""
+        return self.accountant.steps - self.prior_steps
 
     def calibrate(self, planned_steps: int) -> None:
         """Fix the noise multiplier (solving for it when only ``target_epsilon`` is given) and the step at
@@ -65,6 +67,26 @@ class PrivacyLedger:
                     f"after {self.steps} steps): not one more step fits in the budget"
                 )
 
+    def record_prior_releases(self, history, source: str) -> None:
+        """Add releases made before training (e.g. the stage-1 statistics a codec's prior was built from) to the
+        history, so that calibration and every reported epsilon pay for them."""
+        if self.disabled:
+            return
+        if self.steps:
+            raise PrivacyBudgetError(f"{source}: prior releases must be recorded before the first training step")
+        for sigma, q, steps in history:
+            if not (sigma > 0 and math.isfinite(sigma)):
+                raise PrivacyBudgetError(
+                    f"{source} was released with noise multiplier {sigma}: without noise it has no finite epsilon"
+                )
+            self.accountant.step(float(sigma), float(q), int(steps))
+            self.prior_steps += int(steps)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget cached metrics (after the history changed outside ``record_step``)."""
+        self._cache = None
+
     def budget_allows_step(self) -> bool:
         return self.max_total_steps is None or self.steps < self.max_total_steps
 
@@ -83,7 +105,7 @@ class PrivacyLedger:
 
     def metrics(self) -> dict:
         """The numbers that go into every log: epsilon per accountant, mu of GDP, the mechanism's parameters."""
-        if self._cache is not None and self._cache[0] == self.steps:
+        if self._cache is not None and self._cache[0] == self.accountant.steps:
             return dict(self._cache[1])
         if self.disabled:
             eps = {"epsilon": math.inf, "epsilon_rdp": math.inf, "epsilon_prv": math.inf, "mu_gdp": math.inf}
@@ -96,7 +118,7 @@ class PrivacyLedger:
             "sample_rate": self.sample_rate,
             "privacy_steps": self.steps,
         }
-        self._cache = (self.steps, out)
+        self._cache = (self.accountant.steps, out)
         return dict(out)
 
     def report(self) -> dict:
@@ -128,6 +150,7 @@ class PrivacyLedger:
             "max_grad_norm": self.max_grad_norm,
             "unit": self.unit,
             "disabled": self.disabled,
+            "prior_steps": self.prior_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,6 +160,7 @@ class PrivacyLedger:
         self.accountant = PrivacyAccountant.from_state_dict(state["accountant"])
         self.accountant.delta = self.delta
         self.accountant.accountant = self.accountant_name
+        self.prior_steps = int(state.get("prior_steps", 0))
         if state.get("noise_multiplier") is not None:
             self.noise_multiplier = float(state["noise_multiplier"])
         self._cache = None
