@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["eval"] = metrics
     if training_args.do_train:
         trainer.save_model()  # adapter + head, privacy_report.json, model card with the evaluation
+    if training_args.do_train and training_args.push_to_hub:
+        trainer.push_to_hub()  # the same folder, with the model card stating the guarantee
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "run_classification_dr_result.json"), "w") as f:

@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_model()  # adapter, privacy_report.json, model card (README.md) with the evaluation
     if tmp is not None:
         tmp.cleanup()
+    if training_args.do_train and training_args.push_to_hub:
+        trainer.push_to_hub()  # the same folder, with the model card stating the guarantee
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "run_clm_dr_result.json"), "w") as f:

@@ -200,7 +200,8 @@ def build_model_card(
         tags: extra tags; ``lora``, ``dr-encoder``, ``peft`` and (when DP was on) ``differential-privacy``
             are always present.
         model_name: title of the card.
-        language, license: Hub metadata, passed through.
+        language: Hub metadata, passed through.
+        license: Hub metadata, passed through.
         eval_results: metrics to list (e.g. ``trainer.evaluate()``); stated as not covered by the guarantee.
     """
     dp = bool(report.get("dp_enabled", True))

@@ -54,7 +54,8 @@ class DRTrainer(Trainer):
         peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
         codec: a :class:`~hf_drencoder.codec.GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
             (stage 1 on the training data before training); overrides ``args.codec``. See docs/codec.md.
-        Every other argument is Trainer's.
+
+    Every other argument is Trainer's.
 
     Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
     and everything derived from it. Training loss and evaluation metrics are computed on data and logged as
@@ -534,7 +535,7 @@ class DRTrainer(Trainer):
         codec = getattr(self, "codec", None)
         if codec is not None:
             # The codec's state is built from prior samples and already released (private) updates only.
-            codec.save_pretrained(os.path.join(output_dir, "codec"))
+            codec.save_pretrained(os.path.join(output_dir, CODEC_DIR))
 
     def _model_card(self, report: dict, finetuned_from: str | None = None, **kwargs):
         from .hub import build_model_card

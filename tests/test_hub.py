@@ -63,8 +63,8 @@ def test_saved_layout_card_and_reload(tmp_path, trained):
     assert "| privacy unit | example |" in text and "| clipping norm C | 1 |" in text
     assert f"| noise multiplier σ | {1.1:.4g} |" in text and "| steps (compositions) | 3 |" in text
     assert f"| hf-drencoder version | {__version__} |" in text
-    # The trainer has a codec but the report (this branch) may not name its ratio: the card follows the report.
-    assert ("no codec" in text) == (report.get("codec_latent_ratio") is None)
+    assert report["codec_latent_ratio"] == pytest.approx(1 / 8) and dp["codec_latent_ratio"] == pytest.approx(1 / 8)
+    assert f"| gradient codec latent ratio | {1 / 8:.4g} |" in text and "no codec" not in text
 
     reloaded = PeftModel.from_pretrained(make_tiny_bert(), str(out)).eval()
     trained.model.eval()
@@ -98,6 +98,9 @@ def test_card_from_report_with_codec_and_party_unit():
     assert "party-level" in card.text and "| rounds (compositions) | 40 |" in card.text
     assert f"| gradient codec latent ratio | {1 / 64:.4g} |" in card.text and "`codec/`" in card.text
     assert "σ = 2, q = 1, 1 times" in card.text  # the stage-1 release is listed with the training steps
+    no_codec = {k: v for k, v in report.items() if not k.startswith(("codec", "noise_space", "uplink"))}
+    assert "| gradient codec latent ratio | no codec |" in build_model_card(no_codec).text
+    assert "codec_latent_ratio" not in build_model_card(no_codec).data.differential_privacy
     # A local path is not a Hub id: it stays out of the metadata.
     assert build_model_card(report, base_model="/tmp/some/model").data.base_model is None
     assert hub_model_id("bert-base-uncased") == "bert-base-uncased" and hub_model_id("") is None
