@@ -29,13 +29,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
+from .distributed import sum_over_processes
 from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
-from .privacy.per_sample import pop_per_sample_gradients
+from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
 from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,12 @@ class DRTrainer(Trainer):
         # Only adapter tensors may train: anything else would be released without clipping or noise.
         trainable_adapter_parameters(model)
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
+        if self.dp_enabled and self.args.world_size > 1:
+            # Trainer would all-gather token counts only on processes whose first micro-batch has labels; a Poisson
+            # share can be empty, and the per-example loss does not use the count
+            self.args.average_tokens_across_devices = False
         if self.dp_enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
             logger.info(
                 "DRTrainer: Trainer's batch-gradient clipping (max_grad_norm=%s) is off under DP: each example is "
@@ -91,7 +97,6 @@ class DRTrainer(Trainer):
             self.args.max_grad_norm = 0.0
         self.task = infer_task(self.model)
         self.post_privacy_hooks: list[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = []
-        self._codec_spec = codec if codec is not None else self.args.codec
         if self.args.noise_space == "latent" and self._codec_spec is None:
             raise ValueError("noise_space='latent' needs a codec: pass codec= or set codec='auto'")
         self.codec = None  # the GradientCodec in use, set up by train()
@@ -112,17 +117,28 @@ class DRTrainer(Trainer):
         if not self.dp_enabled:
             return
         problems = []
-        if self.args.world_size > 1:
+        if self.args.world_size > 1 and isinstance(self._codec_spec, str) and self._codec_spec == "auto":
             problems.append(
-                f"{self.args.world_size} processes: data-parallel DP is not supported yet; run one process"
+                "codec='auto' with several processes: stage 1 would run (and be paid for) once per process. Pre-train "
+                "the codec in one process (hf-drencoder pretrain-codec) and pass its path"
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            problems.append(
+                f"the job was launched with {launched} processes but TrainingArguments sees one (on a CPU-only machine "
+                "transformers needs use_cpu=True for that): every process would train and release on its own, each "
+                "with its own epsilon. Set use_cpu=True (--use_cpu) on CPU, or launch one process"
             )
         if self.args.n_gpu > 1:
             problems.append(
                 f"{self.args.n_gpu} GPUs in one process (torch DataParallel replicates the hooked modules); "
                 "set CUDA_VISIBLE_DEVICES to one GPU"
             )
-        if self.args.fp16 or self.args.bf16:
-            problems.append("mixed precision (fp16/bf16) is not supported yet under DP; train in fp32")
+        if self.args.fp16:
+            problems.append(
+                "fp16 needs loss scaling, which would scale per-example gradients before clipping; use bf16 (per-example "
+                "gradients, clipping and noise stay in fp32) or fp32"
+            )
         if self.args.gradient_checkpointing or getattr(self.args, "activation_checkpointing", False):
             problems.append("gradient_checkpointing re-runs forward hooks and breaks per-sample gradients; turn it off")
         if self.args.label_smoothing_factor:
@@ -198,14 +214,21 @@ class DRTrainer(Trainer):
             steps_per_epoch=self._steps_per_epoch(n),
             micro_batches=self.args.gradient_accumulation_steps,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
         )
-        loader = DataLoader(
+        loader_cls = DataLoader if self.args.world_size == 1 else _PoissonShareLoader
+        loader = loader_cls(
             dataset,
             batch_sampler=sampler,
             collate_fn=EmptyBatchCollator(collator),
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
+        if self.args.world_size > 1:
+            # accelerate would deal whole batches out to processes in turn (N Poisson batches per step: N times the
+            # rate the accountant is given); the sampler already gives each process its share of one batch
+            return loader
         return self.accelerator.prepare(loader)
 
     # ---- training ----
@@ -413,12 +436,11 @@ class DRTrainer(Trainer):
             expected_batch_size=self.expected_batch_size,
             clipping=self.args.clipping,
             noise_seed=seed,
+            draws_noise=self.args.process_index == 0,  # one draw per step for the whole job (main process)
         )
         if self.dp_enabled:
-            from opacus.grad_sample import GradSampleHooks
-
             # Hooks on the submodules, not a wrapper: the PeftModel stays what save_model/push_to_hub expect.
-            self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="sum", strict=False)
+            self._hooks = attach_grad_sample_hooks(self.model)
 
     def _stop_mechanism(self) -> None:
         if self._hooks is not None:
@@ -443,14 +465,19 @@ class DRTrainer(Trainer):
         loss = torch.zeros((), device=self.args.device)
         if EMPTY_BATCH_KEY not in inputs:
             inputs = self._prepare_inputs(inputs)
-            with self.compute_loss_context_manager():
+            if self.args.world_size > 1:
+                # the hooked modules themselves, not DDP: its forward/backward collectives would wait for processes
+                # whose Poisson share is empty; the one collective of a step is the noised sum in the release
+                model = self.accelerator.unwrap_model(model)
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
                 losses = self.per_sample_losses(model, inputs)
             with warnings.catch_warnings():
                 # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 losses.sum().backward()
             self._collect_gradients(losses.shape[0])
-            loss = losses.detach().sum() / self.expected_batch_size
+            # Trainer averages the logged loss over processes: each reports its share times the number of processes
+            loss = losses.detach().float().sum() * self.args.world_size / self.expected_batch_size
         if self.accelerator.sync_gradients:
             self._release_private_gradient()
         return loss
@@ -480,7 +507,7 @@ class DRTrainer(Trainer):
     def _release_private_gradient(self) -> None:
         # Count first: a release the budget does not allow is refused before any noise is drawn or used.
         self.ledger.record_step()
-        grads = self._mechanism.release()
+        grads = self._mechanism.release(all_reduce=sum_over_processes if self.args.world_size > 1 else None)
         if self._latent_noise:
             decoded = self.codec.decode(grads[0], self.codec_noise_std)
             self.codec.observe(decoded)  # the temporal state follows released (decoded) gradients only
@@ -581,3 +608,10 @@ class DRTrainer(Trainer):
             language=language, license=license,
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+
+class _PoissonShareLoader(DataLoader):
+    """A process's loader of its share of each Poisson batch (data parallel), with Trainer's ``set_epoch``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)

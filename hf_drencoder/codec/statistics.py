@@ -41,7 +41,7 @@ import torch
 from ..privacy.accounting import PrivacyAccountant
 from ..privacy.clipping import clip_and_sum, per_sample_norms
 from ..privacy.noise import gaussian_noise_like, make_generator
-from ..privacy.per_sample import pop_per_sample_gradients
+from ..privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
 from .layout import LoraLayout
 
 PARTS = ("sum", "sumsq", "row_sumsq", "col_sumsq")
@@ -346,7 +346,6 @@ def collect_gradient_statistics(
     to ``max_grad_norm``; each batch's sums are released with noise multiplier ``noise_multiplier`` and
     recorded as ``accountant.step(noise_multiplier, q)``, composing with training in the same ledger.
     """
-    from opacus.grad_sample import GradSampleHooks
     from tqdm.auto import tqdm
 
     from ..losses import infer_task
@@ -365,7 +364,7 @@ def collect_gradient_statistics(
     sampler = PoissonBatchSampler(n, q, steps_per_epoch=num_batches, micro_batches=1, seed=seed)
     was_training = model.training
     model.train()  # opacus hooks capture nothing in eval mode
-    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    hooks = attach_grad_sample_hooks(model)
     try:
         for indices in tqdm(sampler, total=num_batches, desc="stage-1 statistics", disable=not progress):
             for start in range(0, len(indices), micro_batch_size):
