@@ -56,7 +56,8 @@ class DRTrainer(Trainer):
         peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
         codec: a :class:`~hf_drencoder.codec.GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
             (stage 1 on the training data before training); overrides ``args.codec``. See docs/codec.md.
-        Every other argument is Trainer's.
+
+    Every other argument is Trainer's.
 
     Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
     and everything derived from it. Training loss and evaluation metrics are computed on data and logged as
@@ -415,7 +416,7 @@ class DRTrainer(Trainer):
             if isinstance(cb, PrivacyCallback):
                 self.callback_handler.remove_callback(cb)
         # First in the list, so that its budget stop is seen before any other callback acts on the step.
-        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned, codec=self.codec))
+        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned))
 
     def _log_privacy_parameters(self, n: int, planned: int) -> None:
         if not self.dp_enabled:
@@ -563,11 +564,67 @@ class DRTrainer(Trainer):
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Trainer's save (the adapter), then ``privacy_report.json``, the model card ``README.md`` carrying the
+        privacy report, and the gradient codec (``codec/``) when one is used."""
         super().save_model(output_dir, _internal_call)
-        if self.ledger is not None and self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.ledger is not None:
+            report = self.privacy_report()
             with open(os.path.join(output_dir, PRIVACY_REPORT_NAME), "w") as f:
-                json.dump(self.privacy_report(), f, indent=2)
+                json.dump(report, f, indent=2)
+            # Replaces the card peft's save_pretrained just wrote: the shared model states its guarantee.
+            self._model_card(report).save(os.path.join(output_dir, "README.md"))
+        codec = getattr(self, "codec", None)
+        if codec is not None:
+            # The codec's state is built from prior samples and already released (private) updates only.
+            codec.save_pretrained(os.path.join(output_dir, CODEC_DIR))
+
+    def _model_card(self, report: dict, finetuned_from: str | None = None, **kwargs):
+        from .hub import build_model_card
+
+        if finetuned_from is None:
+            peft_config = getattr(self.model, "peft_config", {}).get("default")
+            finetuned_from = getattr(peft_config, "base_model_name_or_path", None)
+        eval_results = None
+        for entry in reversed(self.state.log_history if self.state is not None else []):
+            if any(k.startswith("eval_") for k in entry):
+                eval_results = {k: v for k, v in entry.items() if k.startswith("eval_")}
+                break
+        return build_model_card(report, base_model=finetuned_from, eval_results=eval_results, **kwargs)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir``: Hub metadata and the privacy report (called by ``push_to_hub``).
+
+        Before ``train()`` there is no privacy report, and Trainer's own card is written. ``tasks`` and
+        ``dataset_args`` are accepted for compatibility and not used; ``dataset`` / ``dataset_tags`` go into the
+        ``datasets`` metadata and should be Hub dataset ids.
+        """
+        if not self.is_world_process_zero():
+            return
+        if self.ledger is None:
+            return super().create_model_card(
+                language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+                tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            )
+        datasets = dataset_tags if dataset_tags is not None else dataset
+        card = self._model_card(
+            self.privacy_report(), finetuned_from=finetuned_from, datasets=datasets, tags=tags, model_name=model_name,
+            language=language, license=license,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
 class _PoissonShareLoader(DataLoader):
