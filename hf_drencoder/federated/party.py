@@ -141,7 +141,8 @@ class Party:
                 losses.mean().backward()
                 opt.step()
             with torch.no_grad():
-                return layout.flatten([p.detach() for p in params]) - layout.flatten(start)
+                # on the CPU: the party's noise generator, the codec and the server work there
+                return (layout.flatten([p.detach() for p in params]) - layout.flatten(start)).cpu()
         finally:
             with torch.no_grad():
                 for p, s in zip(params, start):

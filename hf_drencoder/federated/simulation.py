@@ -130,8 +130,9 @@ class FederatedSimulation:
             self._load_state(a.resume_from_checkpoint)
         else:
             self._resolve_codec()
-        planned = self.ledger.steps + max(a.num_rounds - self.round, 1)
-        self.ledger.calibrate(planned)
+        remaining = a.num_rounds - self.round
+        if remaining > 0 or self.ledger.noise_multiplier is None:
+            self.ledger.calibrate(self.ledger.steps + max(remaining, 1))
         if self.codec_spec == "auto" and self.codec is None:
             self._pretrain_codec()
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
