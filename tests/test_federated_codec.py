@@ -69,3 +69,38 @@ def test_a_full_size_codec_at_tiny_noise_applies_the_same_update_as_no_codec(tmp
     plain, coded = update(None), update("auto")
     assert float(plain.norm()) > 0
     assert torch.allclose(coded, plain, atol=1e-3 * float(plain.abs().max()))
+
+
+def test_a_ready_codec_must_say_what_its_prior_cost_at_party_level(tmp_path):
+    from test_federated import _codec
+
+    def setup(codec):
+        sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), fed_args(tmp_path, codec=codec))
+        sim._setup()
+        return sim
+
+    layout = setup(None).layout
+    with pytest.raises(PrivacyBudgetError, match="stage1_privacy is unknown"):
+        setup(_codec(layout))
+    example_level = _codec(layout, stage1_privacy={"history": [[1.0, 0.1, 3]], "unit": "example"})
+    with pytest.raises(PrivacyBudgetError, match="'example'-level"):
+        setup(example_level)
+    party_level = setup(_codec(layout, stage1_privacy={"history": [[3.0, 0.5, 2]], "unit": "party"}))
+    assert party_level.ledger.accountant.history[0] == (3.0, 0.5, 2)  # paid in the client-level ledger
+    public = setup(_codec(layout).mark_public("hand-made prior in a test"))
+    assert public.ledger.accountant.history == []
+
+
+def test_what_is_written_next_to_the_model_does_not_say_who_took_part(tmp_path):
+    import json
+
+    sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), fed_args(tmp_path, eval_every=0))
+    sim.run()
+    sim.save_model(str(tmp_path / "model"))
+    for path in (tmp_path / "fed" / "federated_history.json", tmp_path / "model" / "federated_history.json"):
+        for record in json.loads(path.read_text()):
+            assert not {"parties", "received", "failed", "num_received", "uplink_bytes"} & set(record)
+            assert "epsilon" in record and "uplink_bytes_per_party" in record
+    state = json.loads((tmp_path / "fed" / "last-state" / "federation_state.json").read_text())
+    assert "sampling_seed" not in json.dumps(state)  # a saved state cannot replay who was sampled
+    assert "parties" in state["history"][0]  # the server keeps its own log

@@ -78,11 +78,13 @@ class FederatedServer:
 
     Args:
         layout: the LoRA layout of the updates.
-        num_parties, sample_rate: Poisson sampling, each party joins a round with probability ``sample_rate``.
-        max_norm, noise_multiplier: C and sigma of every party's message (``noise_multiplier=0``: no DP; the
-            server then averages ``sum / k``).
+        num_parties: the parties that can be sampled.
+        sample_rate: Poisson sampling: each party joins a round independently with this probability.
+        max_norm: C, the clipping norm of every party's update.
+        noise_multiplier: sigma of every party's message (0: no DP; the server then averages ``sum / k``).
         codec: a linear :class:`~hf_drencoder.codec.GradientCodec` or None.
-        sampling_seed: seed of the sampling; None draws one from OS entropy (kept in :meth:`state_dict`).
+        sampling_seed: seed of the sampling; None draws one from OS entropy. It is secret like the noise
+            (amplification by sampling assumes nobody knows who took part), so it is never written to a state.
         noise_seed: seed of the server's own noise draws (the k = 0 case); None: OS entropy.
     """
 
@@ -196,7 +198,7 @@ class FederatedServer:
         )
 
     def state_dict(self) -> dict:
-        return {"sampling_seed": self.sampling_seed, "noise_seed": self.noise_seed}
+        return {"noise_seed": self.noise_seed}
 
 
 __all__ = ["FederatedServer", "NonLinearCodecError", "aggregate", "check_linear_codec", "derive_seed"]

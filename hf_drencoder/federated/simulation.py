@@ -46,6 +46,9 @@ STATE_NAME = "federation_state.json"
 ADAPTER_NAME = "global_adapter.safetensors"
 CODEC_DIR = "codec"
 HISTORY_NAME = "federated_history.json"
+# who took part, and how many (k, also k x message bytes): the analysis keeps these secret, so they stay in
+# the server's state (save_state) and out of the history written next to the model
+SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes")
 REPORT_NAME = "privacy_report.json"
 
 
@@ -58,8 +61,8 @@ class FederatedSimulation:
         train_dataset: a tokenized ``datasets.Dataset`` (model inputs and ``labels``); it is split among
             ``args.num_parties`` parties by ``args.partition`` unless ``partitions`` (row indices per party) is given.
         args: :class:`FederatedArguments`.
-        eval_dataset, compute_metrics: evaluated on the global adapter every ``args.eval_every`` rounds
-            (``compute_metrics`` takes an ``EvalPrediction``, as Trainer's does).
+        eval_dataset: evaluated on the global adapter every ``args.eval_every`` rounds.
+        compute_metrics: takes an ``EvalPrediction``, as Trainer's does.
         codec: a :class:`~hf_drencoder.codec.GradientCodec`, a folder or Hub id, ``"auto"`` (stage 1 from the
             parties), or None (default: ``args.codec``). Its encoder must be linear.
         data_collator: turns a list of rows into a batch (default ``transformers.default_data_collator``).
@@ -157,10 +160,27 @@ class FederatedSimulation:
         else:
             raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, 'auto' or None; got {type(spec).__name__}")
         self.codec.check_layout(self.model)
-        logger.warning(
-            "FederatedSimulation: a ready codec is treated as public. If its stage-1 statistics came from these "
-            "parties' data, that release is NOT in this run's client-level epsilon; use codec='auto' to account it here."
-        )
+        self._account_codec_prior()
+
+    def _account_codec_prior(self) -> None:
+        """A ready codec's prior was built from data: pay for it in the client-level ledger, or refuse it."""
+        if not self.dp_enabled:
+            return
+        info, history = self.codec.stage1_privacy, self.codec.stage1_history
+        if history is None:
+            raise PrivacyBudgetError(
+                "the codec does not record what its prior cost (stage1_privacy is unknown): a prior fitted to the "
+                "parties' data would leak it through the decoder. Use codec='auto' (stage 1 from the parties, "
+                "accounted here), a codec saved by a federation, or codec.mark_public(reason) if its prior depends on "
+                "no private data"
+            )
+        if history and info.get("unit", "example") != "party":
+            raise PrivacyBudgetError(
+                f"the codec's prior was released with an {info.get('unit')!r}-level guarantee, which does not bound "
+                "what it reveals about a whole party: use codec='auto' (party-level stage 1) or a public codec"
+            )
+        if history:
+            self.ledger.record_prior_releases(history, source="codec stage 1")
 
     def _run_statistics_rounds(self) -> None:
         """Stage 1 from the parties: each sampled party releases noised statistics of its clipped update
@@ -399,7 +419,8 @@ class FederatedSimulation:
         if self.codec is not None:
             self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))
         state = {
-            "round": self.round, "ledger": self.ledger.state_dict(), "sampling_seed": self.sampling_seed,
+            # no sampling seed: with it, anyone holding the state could recompute who took part in every round
+            "round": self.round, "ledger": self.ledger.state_dict(),
             "noise_seed": self.args.noise_seed, "participation": self.participation.tolist(),
             "stats_participation": self.stats_participation.tolist(), "history": self.history,
             "fingerprint": self._fingerprint(), "report": self.ledger.report(),
@@ -429,7 +450,7 @@ class FederatedSimulation:
                              "sampling rate, clipping norm, model and LoRA configuration")
         self.ledger.load_state_dict(state["ledger"])
         self.round = int(state["round"])
-        self.sampling_seed = int(state["sampling_seed"])
+        # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
         if state.get("noise_seed") != self.args.noise_seed:
             logger.warning("resuming with noise_seed=%s (the state was written with %s)", self.args.noise_seed, state.get("noise_seed"))
         self.participation = np.asarray(state["participation"], dtype=np.int64)
@@ -439,10 +460,14 @@ class FederatedSimulation:
         logger.warning("resumed the federation from %s at round %d (epsilon spent %.4g)", folder, self.round,
                        self.ledger.metrics()["epsilon"])
 
+    def public_history(self) -> list[dict]:
+        """The history without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
+        return [{k: v for k, v in rec.items() if k not in SERVER_ONLY_KEYS} for rec in self.history]
+
     def _write_history(self) -> None:
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, HISTORY_NAME), "w") as f:
-            json.dump(self.history, f, indent=2)
+            json.dump(self.public_history(), f, indent=2)
 
     def save_model(self, output_dir: str | None = None) -> None:
         """The global adapter (``save_pretrained``), the codec, the privacy report and the history."""
@@ -453,7 +478,7 @@ class FederatedSimulation:
         with open(os.path.join(output_dir, REPORT_NAME), "w") as f:
             json.dump(self.privacy_report(), f, indent=2)
         with open(os.path.join(output_dir, HISTORY_NAME), "w") as f:
-            json.dump(self.history, f, indent=2)
+            json.dump(self.public_history(), f, indent=2)
 
 
 __all__ = ["FederatedSimulation"]
