@@ -14,8 +14,8 @@ was bypassed, or a release was not accounted. A bound below the reported epsilon
 
 Two kinds of canaries:
 
-* ``gradient`` (white box): canary i is a fixed unit direction u_i in the space of the trainable LoRA tensors,
-  scaled to ``canary_scale * C``. It enters the mechanism as one more per-sample gradient row of
+* ``gradient`` (white box): canary i is a fixed unit direction u_i in the space the mechanism clips and noises
+  (the trainable LoRA tensors; the codec's latent with ``noise_space="latent"``), scaled to ``canary_scale * C``. It enters the mechanism as one more per-sample gradient row of
   ``GaussianGradientMechanism.add_per_sample`` (so it is clipped, summed and noised exactly like a real
   example) in every optimizer step (``canary_sampling="every_step"``: a sample with rate q = 1) or in each
   step with the data's Poisson rate q (``"poisson"``). Its score is <u_i, sum of the released noisy sums>,
@@ -33,6 +33,7 @@ handing :func:`lower_bound_from_scores` the scores and the membership. See docs/
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,8 @@ import torch
 from transformers import TrainerCallback
 
 from .privacy.accounting import compute_epsilon
+
+logger = logging.getLogger(__name__)
 
 CANARY_TYPES = ("gradient", "input")
 CANARY_SAMPLING = ("every_step", "poisson")
@@ -208,11 +211,13 @@ class _CanaryMechanism:
     def add_summed(self, grads):
         return self._inner.add_summed(grads)
 
-    def release(self):
+    def release(self, *args, **kwargs):
+        # Data parallel: the process that draws the noise (the main one) holds the canaries, so the summed
+        # release has each canary once, like an example that Poisson sampling gave to one process.
         rows = self._canaries._rows_for_step()
-        if rows is not None:
+        if rows is not None and getattr(self._inner, "draws_noise", True):
             self._inner.add_per_sample(rows)
-        out = self._inner.release()
+        out = self._inner.release(*args, **kwargs)
         self._canaries.releases += 1
         if self._canaries.observe == "release":
             self._canaries._score(out, self._inner.expected_batch_size)
@@ -289,10 +294,20 @@ class GradientCanaries:
             self._signs = torch.randint(0, 2, (m,), generator=self._gen).float() * 2 - 1
             self._dirs = None
         else:
+            if m > d:
+                logger.warning(
+                    "audit: %d canaries in %d dimensions (the space the mechanism noises) cannot be orthogonal; their "
+                    "overlap costs the audit power. Use num_canaries <= %d", m, d, d,
+                )
             g = torch.randn(d, m, generator=self._gen)
             if m <= d:
                 g, _ = torch.linalg.qr(g)  # orthonormal: no canary's signal lands on another's score
             self._dirs = (g / g.norm(dim=0, keepdim=True)).T.contiguous()  # [m, d] unit rows
+        if self.observe == "update" and getattr(trainer, "_latent_noise", False):
+            raise ValueError(
+                "observe='update' scores canaries in the space of the LoRA gradient, but this run clips and noises "
+                "codec latents (noise_space='latent'), where the canaries are placed: use observe='release'"
+            )
         self._norm = norm
         self._sample_rate = trainer.ledger.sample_rate
         trainer._mechanism = _CanaryMechanism(mech, self)
@@ -446,19 +461,37 @@ class AuditResult:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows) + f"\n{self.message}"
 
 
+def _training_history(ledger) -> list[tuple[float, float, int]]:
+    """The ledger's history without the releases made before training (stage-1 statistics), in which no
+    gradient canary takes part."""
+    skip, out = getattr(ledger, "prior_steps", 0), []
+    for sigma, q, n in ledger.accountant.history:
+        take = min(n, skip)
+        skip -= take
+        if n - take:
+            out.append((sigma, q, n - take))
+    return out
+
+
 def _canary_epsilon(trainer, canary_type: str, sampling: str) -> tuple[float, float]:
-    """(epsilon for the canaries, the run's reported epsilon), at the run's delta and headline accountant."""
+    """(epsilon for the canaries, the run's reported epsilon), at the run's delta and headline accountant.
+
+    Input canaries are training rows: the reported epsilon (stage 1 included) is theirs. Gradient canaries take
+    part in the training releases the ledger counted, with the data's rate q (``poisson``) or in every one
+    (``every_step``: q = 1); the epsilon is computed from those history entries, so a release the ledger
+    recorded with a wrong noise multiplier or not at all shows up as a bound above it.
+    """
     ledger = trainer.ledger
     if ledger.disabled:
         return math.inf, math.inf
     reported = ledger.accountant.epsilon()
-    if canary_type == "gradient" and sampling == "every_step":
-        # An every-step canary is a sample with rate 1 in each release the ledger counted. Releases before
-        # training (stage-1 statistics) are counted at q = 1 too: that only raises the epsilon compared with.
-        history = [(s, 1.0, n) for s, _, n in ledger.accountant.history]
-        with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q) = -inf at q = 1 and handles it
-            return compute_epsilon(history, ledger.delta, ledger.accountant_name), reported
-    return reported, reported
+    if canary_type == "input":
+        return reported, reported
+    history = _training_history(ledger)
+    if sampling == "every_step":
+        history = [(sigma, 1.0, n) for sigma, _, n in history]
+    with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q) = -inf at q = 1 and handles it
+        return compute_epsilon(history, ledger.delta, ledger.accountant_name), reported
 
 
 def run_audit(
