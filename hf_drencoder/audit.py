@@ -245,8 +245,8 @@ class GradientCanaries:
             the run's sample rate q, like a training example: compared with the reported epsilon).
         observe: ``release`` (the mechanism's noisy sum, before the codec: the tightest white-box view) or
             ``update`` (the gradient handed to the optimizer, after the post-privacy hooks).
-        direction: ``random`` (unit vectors, orthonormal when m <= d) or ``dirac`` (one coordinate each, for
-            large adapters where m x d floats do not fit).
+        direction: ``random`` (unit vectors, orthonormal when m <= d; keeps an m x d matrix) or ``dirac`` (one
+            coordinate each with a random sign, for large adapters where m x d floats do not fit).
         scale: canary norm in units of C (``per_sample_max_grad_norm``). 1 is the clipping bound; > 1 also
             tests that clipping is applied (an unclipped canary leaks more than the accountant allows).
         seed: seeds the membership, the directions and the Poisson draws (not the training noise).
@@ -268,7 +268,6 @@ class GradientCanaries:
         self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
         self.scores = np.zeros(num_canaries)
         self.releases = 0
-        self._trainer = None
 
     def attach(self, trainer) -> None:
         """Hook into ``trainer`` (a DRTrainer, before ``train()``)."""
@@ -280,7 +279,6 @@ class GradientCanaries:
             raise RuntimeError("the trainer has no mechanism: gradient canaries attach inside DRTrainer.train()")
         if isinstance(mech, _CanaryMechanism):
             return
-        self._trainer = trainer
         self._shapes = [tuple(p.shape) for p in mech.params]
         self._numels = [p.numel() for p in mech.params]
         self._device = mech.params[0].device
@@ -558,8 +556,8 @@ def run_audit(
     if passed:
         message = (
             f"PASS: the audit's lower bound {outcome.epsilon_lower_bound:.3f} does not exceed the accountant's "
-            f"{eps_canary:.3f}. This does not prove the run private: a lower bound below epsilon is what a correct "
-            "and what a subtly wrong implementation both can give."
+            f"{eps_canary:.3f}. This does not prove the run private: a correct and a subtly wrong implementation "
+            "can both give a lower bound below epsilon."
         )
     else:
         message = (
@@ -599,11 +597,11 @@ def _model_and_data(name: str, n: int, seed: int):
         from .embedded import load_reuters, minilm_path, tokenize_dataset
 
         data = load_reuters("r8")
+        num_labels = data["train"].features["label"].num_classes
         path = minilm_path()
         tok = AutoTokenizer.from_pretrained(path)
         data = tokenize_dataset(data, tok, max_length=64)
         train = data["train"].select(range(min(n, len(data["train"])))) if n else data["train"]
-        num_labels = data["train"].features["label"].num_classes
         return lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), train
     seq = 16
     if name == "tiny-bert":
