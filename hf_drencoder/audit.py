@@ -25,9 +25,9 @@ Two kinds of canaries:
   gives its own), each added to the training set with probability 1/2; the score is minus the final model's
   loss on the canary.
 
-Extension point (federated mode): a federated runner audits the same way by putting gradient canaries into
-each party's clipped update before it is noised (a canary is then a party, at the party sampling rate), and
-handing :func:`lower_bound_from_scores` the scores and the membership. See docs/audit.md.
+Extension point (federated mode, not implemented yet): a canary is a party whose update is u_i of norm C, sent
+through the same clipping and party noise as every party; score it on the aggregated rounds and hand
+:func:`lower_bound_from_scores` the scores and the membership. See docs/audit.md.
 """
 
 from __future__ import annotations
