@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .arguments import DRTrainingArguments
+from .audit import AuditResult, PrivacyAuditError, run_audit
 from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
 from .federated import FederatedArguments, FederatedSimulation
@@ -10,6 +11,9 @@ from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate
 from .trainer import DRTrainer
 
 __all__ = [
+    "AuditResult",
+    "PrivacyAuditError",
+    "run_audit",
     "build_prior",
     "calibrate_noise_multiplier",
     "collect_gradient_statistics",
