@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .arguments import DRTrainingArguments
 from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
+from .federated import FederatedArguments, FederatedSimulation
 from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
 from .trainer import DRTrainer
 
@@ -15,6 +16,8 @@ __all__ = [
     "compute_epsilon",
     "DRTrainer",
     "DRTrainingArguments",
+    "FederatedArguments",
+    "FederatedSimulation",
     "GradientCodec",
     "LayoutMismatchError",
     "LoraLayout",
