@@ -37,12 +37,12 @@ from ..codec.codec import GradientCodec
 from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task
-from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
+from ..privacy.accounting import PrivacyBudgetError
 from ..privacy.ledger import PrivacyLedger
-from ..privacy.noise import make_generator
+from .accounting import account_codec_prior, public_history, server_view_epsilon
 from .arguments import FederatedArguments
 from .party import Party, PartyMessage
-from .server import FederatedServer, derive_seed
+from .server import FederatedServer, party_round_randomness
 from .simulation import HISTORY_NAME, REPORT_NAME
 
 try:
@@ -215,13 +215,12 @@ class FlowerParty:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
         r = int(cfg["round-index"])
         noise_seed = int(cfg["noise-seed"]) if "noise-seed" in cfg else None
-        # the same derivations as FederatedSimulation.party_step: a party's randomness depends on (round, party) only
-        generator = make_generator("cpu", derive_seed(noise_seed, 0, r, pid)) if sigma > 0 else None
+        seed, generator = party_round_randomness(int(cfg["seed"]), noise_seed, r, pid, sigma > 0)
         decode_std = float(cfg["decode-noise-std"])
         message: PartyMessage = st["party"].step(
             st["model"], st["params"], layout, steps=int(cfg["local-steps"]), batch_size=int(cfg["local-batch-size"]),
             learning_rate=float(cfg["local-learning-rate"]), optimizer=str(cfg["local-optimizer"]), task=st["task"],
-            seed=derive_seed(int(cfg["seed"]), r, pid), max_norm=max_norm, noise_multiplier=sigma, generator=generator,
+            seed=seed, max_norm=max_norm, noise_multiplier=sigma, generator=generator,
             codec=st["codec"], codec_noise_std=decode_std or None,
         )
         content = RecordDict({
@@ -263,6 +262,7 @@ class ClientLevelDPStrategy(Strategy):
             accountant_name=args.accountant, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
             unit="party", disabled=not self.dp_enabled,
         )
+        account_codec_prior(self.ledger, codec)  # before calibrating: the prior is paid from the same budget
         self.ledger.calibrate(args.num_rounds)
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(layout, args.num_parties, args.sample_rate,
@@ -424,12 +424,11 @@ class ClientLevelDPStrategy(Strategy):
 
     # privacy report ----------------------------------------------------------------------------------------------
     def server_view_epsilon(self) -> float:
-        """epsilon of the party that sent the most messages against a reader of every message (the server): each
-        message is a Gaussian mechanism with multiplier sigma, no amplification (exact, GDP at q = 1)."""
+        """epsilon of the most exposed party against the server (see :func:`.accounting.server_view_epsilon`)."""
         if not self.dp_enabled:
             return math.inf
-        most = int(self.participation.max(initial=0))
-        return compute_epsilon([(self.ledger.noise_multiplier, 1.0, most)], self.args.delta, "gdp") if most else 0.0
+        zeros = [0] * len(self.participation)
+        return server_view_epsilon(self.participation.tolist(), zeros, self.ledger.noise_multiplier, 0.0, self.args.delta)
 
     def privacy_report(self) -> dict:
         a = self.args
@@ -478,7 +477,7 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
             res = {k: float(v) for k, v in evaluate_fn(model, rnd).items()} if evaluate_fn is not None else None
             if res:
                 strategy.history[-1].update(res)
-            _write_json(a.output_dir, HISTORY_NAME, strategy.history)
+            _write_json(a.output_dir, HISTORY_NAME, public_history(strategy.history))
             _write_json(a.output_dir, REPORT_NAME, strategy.privacy_report())
             return MetricRecord(res) if res else None
 
@@ -486,7 +485,7 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
         result = strategy.start(grid, initial, evaluate_fn=after_round)
         set_global(result.arrays)
         model.save_pretrained(a.output_dir)
-        _write_json(a.output_dir, HISTORY_NAME, strategy.history)
+        _write_json(a.output_dir, HISTORY_NAME, public_history(strategy.history))
         _write_json(a.output_dir, REPORT_NAME, strategy.privacy_report())
 
     return app

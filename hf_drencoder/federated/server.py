@@ -73,6 +73,14 @@ def derive_seed(base: int | None, *parts: int) -> int | None:
     return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] % (2**63))
 
 
+def party_round_randomness(seed: int | None, noise_seed: int | None, round_index: int, party_id: int, private: bool):
+    """A party's randomness in one training round, a function of (round, party) only: the seed of its local
+    training and the generator of its noise (None without DP). Every engine derives them here, so the same
+    seeds give the same messages in the simulation and under Flower."""
+    generator = make_generator("cpu", derive_seed(noise_seed, 0, round_index, party_id)) if private else None
+    return derive_seed(seed, round_index, party_id), generator
+
+
 class FederatedServer:
     """Party sampling and aggregation for one federation (no model, no data: plain tensors in and out).
 

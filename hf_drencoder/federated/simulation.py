@@ -34,11 +34,11 @@ from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
-from ..privacy.noise import make_generator
+from .accounting import account_codec_prior, public_history, server_view_epsilon
 from .arguments import FederatedArguments
 from .partition import partition_indices
 from .party import Party, PartyMessage, _model_inputs, statistics_message
-from .server import FederatedServer, derive_seed
+from .server import FederatedServer, derive_seed, party_round_randomness
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ STATE_NAME = "federation_state.json"
 ADAPTER_NAME = "global_adapter.safetensors"
 CODEC_DIR = "codec"
 HISTORY_NAME = "federated_history.json"
-# who took part, and how many (k, also k x message bytes): the analysis keeps these secret, so they stay in
-# the server's state (save_state) and out of the history written next to the model
-SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes")
 REPORT_NAME = "privacy_report.json"
 
 
@@ -160,27 +157,7 @@ class FederatedSimulation:
         else:
             raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, 'auto' or None; got {type(spec).__name__}")
         self.codec.check_layout(self.model)
-        self._account_codec_prior()
-
-    def _account_codec_prior(self) -> None:
-        """A ready codec's prior was built from data: pay for it in the client-level ledger, or refuse it."""
-        if not self.dp_enabled:
-            return
-        info, history = self.codec.stage1_privacy, self.codec.stage1_history
-        if history is None:
-            raise PrivacyBudgetError(
-                "the codec does not record what its prior cost (stage1_privacy is unknown): a prior fitted to the "
-                "parties' data would leak it through the decoder. Use codec='auto' (stage 1 from the parties, "
-                "accounted here), a codec saved by a federation, or codec.mark_public(reason) if its prior depends on "
-                "no private data"
-            )
-        if history and info.get("unit", "example") != "party":
-            raise PrivacyBudgetError(
-                f"the codec's prior was released with an {info.get('unit')!r}-level guarantee, which does not bound "
-                "what it reveals about a whole party: use codec='auto' (party-level stage 1) or a public codec"
-            )
-        if history:
-            self.ledger.record_prior_releases(history, source="codec stage 1")
+        account_codec_prior(self.ledger, self.codec)
 
     def _run_statistics_rounds(self) -> None:
         """Stage 1 from the parties: each sampled party releases noised statistics of its clipped update
@@ -261,11 +238,11 @@ class FederatedSimulation:
         """What party ``party_id`` sends in training round ``round_index`` (the global adapter is unchanged)."""
         a = self.args
         s = self.server
-        generator = make_generator("cpu", derive_seed(a.noise_seed, 0, round_index, party_id)) if self.dp_enabled else None
+        seed, generator = party_round_randomness(a.seed, a.noise_seed, round_index, party_id, self.dp_enabled)
         return self.parties[party_id].step(
             self.model, self.params, self.layout, steps=a.local_steps, batch_size=a.local_batch_size,
             learning_rate=a.local_learning_rate, optimizer=a.local_optimizer, task=self.task,
-            seed=derive_seed(a.seed, round_index, party_id), max_norm=s.max_norm, noise_multiplier=s.noise_multiplier,
+            seed=seed, max_norm=s.max_norm, noise_multiplier=s.noise_multiplier,
             generator=generator, codec=self.codec, codec_noise_std=s.decode_noise_std or None,
         )
 
@@ -368,25 +345,13 @@ class FederatedSimulation:
 
     # ---- privacy report -----------------------------------------------------------------------------------
     def server_view_epsilon(self) -> float:
-        """epsilon of the party that sent the most messages, against an adversary who reads every message
-        (the server): each message is a Gaussian mechanism with its own multiplier, no amplification. Without
-        subsampling the composition of Gaussian mechanisms is exactly mu-GDP with mu^2 = sum(steps / sigma^2),
-        so this is computed exactly (``gdp`` at q = 1), whatever the run's accountant."""
+        """epsilon of the most exposed party against the server, which reads every message (see
+        :func:`.accounting.server_view_epsilon`)."""
         if not self.dp_enabled:
             return math.inf
-        sigma, z = self.ledger.noise_multiplier, self.args.stats_noise_multiplier
-        pairs = set(zip(self.stats_participation.tolist(), self.participation.tolist()))
-        best = 0.0
-        for s, r in pairs:
-            dominated = any(s2 >= s and r2 >= r and (s2, r2) != (s, r) for s2, r2 in pairs)
-            if dominated or (s, r) == (0, 0):
-                continue
-            key = (s, r, sigma, z)
-            if key not in self._server_view_cache:
-                hist = [h for h in ((z, 1.0, s), (sigma, 1.0, r)) if h[2] > 0]
-                self._server_view_cache[key] = compute_epsilon(hist, self.args.delta, "gdp")
-            best = max(best, self._server_view_cache[key])
-        return best
+        return server_view_epsilon(self.participation.tolist(), self.stats_participation.tolist(),
+                                   self.ledger.noise_multiplier, self.args.stats_noise_multiplier, self.args.delta,
+                                   self._server_view_cache)
 
     def privacy_report(self) -> dict:
         self._setup()
@@ -462,7 +427,7 @@ class FederatedSimulation:
 
     def public_history(self) -> list[dict]:
         """The history without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
-        return [{k: v for k, v in rec.items() if k not in SERVER_ONLY_KEYS} for rec in self.history]
+        return public_history(self.history)
 
     def _write_history(self) -> None:
         os.makedirs(self.args.output_dir, exist_ok=True)

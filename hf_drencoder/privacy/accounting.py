@@ -12,8 +12,6 @@ import functools
 import math
 from typing import Iterable
 
-import numpy as np
-
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 # Orders for RDP: opacus' defaults stop at 63, where small noise multipliers find their optimum at the edge
