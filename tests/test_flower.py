@@ -405,7 +405,8 @@ def test_superlink_and_two_supernodes_on_loopback(tmp_path):
 
     assert report["rounds"] == 2 and report["history"] == [[1.0, 1.0, 2]]
     assert "round 2: 1/2 parties answered, epsilon" in run.stdout + run.stderr  # logged per round, streamed by flwr
-    assert [h["num_received"] for h in history] == [2, 1] and len(history[1]["failed"]) == 1
+    # the history written next to the model says nothing of who took part (that is in the server's log above)
+    assert [h["round"] for h in history] == [1, 2] and not any("num_received" in h or "failed" in h for h in history)
     assert history[0]["uplink_bytes_per_party"] == history[0]["downlink_bytes_per_party"] > 0
 
     args = FederatedArguments(output_dir=str(tmp_path / "sim"), num_parties=2, parties_per_round=2, num_rounds=2,
