@@ -14,6 +14,8 @@ from conftest import make_cls_dataset, make_tiny_bert
 from hf_drencoder import PrivacyAuditError
 from hf_drencoder.audit import FederatedCanaries, run_federated_audit
 from hf_drencoder.cli import main
+from hf_drencoder.codec import GradientCodec
+from hf_drencoder.codec.priors import GaussianPrior
 from hf_drencoder.federated import FederatedArguments, FederatedSimulation
 from hf_drencoder.federated import party as party_module
 from hf_drencoder.privacy import compute_epsilon
@@ -108,13 +110,31 @@ def test_cli_federated_mode_exits_1_on_missing_noise(tmp_path, monkeypatch, caps
     argv = ["audit", "--mode", "federated", "--model", "tiny-bert", "--train_examples", "32", "--num_parties", "8",
             "--parties_per_round", "2", "--num_rounds", str(ROUNDS), "--local_steps", "1", "--num_canaries", "128",
             "--noise_multiplier", str(SIGMA), "--output_dir", str(tmp_path / "o"), "--audit_output", str(out)]
-    main(argv)
-    ok = json.loads(out.read_text())
-    assert ok["passed"] and ok["canary_type"] == "party" and ok["epsilon_lower_bound"] < ok["epsilon_accountant"]
     no_party_noise(monkeypatch)
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 1
     bad = json.loads(out.read_text())
+    assert bad["canary_type"] == "party" and bad["steps"] == ROUNDS and bad["num_canaries"] == 128
     assert not bad["passed"] and bad["epsilon_lower_bound"] > bad["epsilon_accountant"]
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_with_a_codec_canaries_are_scored_on_the_latent_aggregate(tmp_path, monkeypatch):
+    # a ready codec whose prior cost one party-level release: it is in the ledger but holds no canary, so the
+    # canaries' epsilon is that of the training rounds only; canary messages are latents, aggregated and decoded once
+    def sim(folder):
+        s = simulation(tmp_path / folder)
+        prior = GaussianPrior(s.layout, torch.zeros(s.layout.dim), torch.linspace(0.1, 1.0, s.layout.dim))
+        s.codec_spec = GradientCodec.from_prior(prior, 1 / 4, stage1_privacy={"history": [[2.0, 0.25, 1]], "unit": "party"})
+        return s
+
+    res = run_federated_audit(sim("ok"), num_canaries=128)
+    assert res.report["codec_latent_dim"] is not None
+    with np.errstate(divide="ignore"):
+        assert res.epsilon_accountant == pytest.approx(compute_epsilon([(SIGMA, 1.0, ROUNDS)], DELTA, "prv"))
+    assert res.epsilon_reported == pytest.approx(compute_epsilon([(2.0, 0.25, 1), (SIGMA, 0.25, ROUNDS)], DELTA, "prv"))
+    assert res.passed and res.epsilon_lower_bound < res.epsilon_accountant
+    no_party_noise(monkeypatch)
+    bad = run_federated_audit(sim("bad"), num_canaries=128, check=False)
+    assert not bad.passed and bad.epsilon_lower_bound > bad.epsilon_accountant
