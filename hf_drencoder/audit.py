@@ -25,9 +25,10 @@ Two kinds of canaries:
   gives its own), each added to the training set with probability 1/2; the score is minus the final model's
   loss on the canary.
 
-Extension point (federated mode, not implemented yet): a canary is a party whose update is u_i of norm C, sent
-through the same clipping and party noise as every party; score it on the aggregated rounds and hand
-:func:`lower_bound_from_scores` the scores and the membership. See docs/audit.md.
+Federated mode (:func:`run_federated_audit`, ``hf-drencoder audit --mode federated``): canaries are parties
+whose update is u_i of norm C (:class:`FederatedCanaries`). Their messages are built by the parties' own
+``privatize_update`` and ``encode_message`` and join the round's messages before the server aggregates them
+(they count in k of sum / sqrt(k)); the score is <u_i, sum over rounds of the aggregate>, read before decoding.
 """
 
 from __future__ import annotations
