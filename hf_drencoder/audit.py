@@ -25,9 +25,10 @@ Two kinds of canaries:
   gives its own), each added to the training set with probability 1/2; the score is minus the final model's
   loss on the canary.
 
-Extension point (federated mode, not implemented yet): a canary is a party whose update is u_i of norm C, sent
-through the same clipping and party noise as every party; score it on the aggregated rounds and hand
-:func:`lower_bound_from_scores` the scores and the membership. See docs/audit.md.
+Federated mode (:func:`run_federated_audit`, ``hf-drencoder audit --mode federated``): canaries are parties
+whose update is u_i of norm C (:class:`FederatedCanaries`). Their messages are built by the parties' own
+``privatize_update`` and ``encode_message`` and join the round's messages before the server aggregates them
+(they count in k of sum / sqrt(k)); the score is <u_i, sum over rounds of the aggregate>, read before decoding.
 """
 
 from __future__ import annotations
@@ -193,6 +194,44 @@ def lower_bound_from_scores(
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _CanaryDirections:
+    """m fixed unit directions in d dimensions: ``random`` (orthonormal when m <= d; an m x d matrix) or
+    ``dirac`` (one coordinate each with a random sign; no m x d matrix). Draws from ``gen`` in a fixed order."""
+
+    def __init__(self, m: int, d: int, direction: str, gen: torch.Generator):
+        self.m, self.d = m, d
+        if direction == "dirac":
+            if m > d:
+                raise ValueError(f"{m} Dirac canaries need at least as many coordinates; the adapter has {d}")
+            self.coords = torch.randperm(d, generator=gen)[:m]
+            self.signs = torch.randint(0, 2, (m,), generator=gen).float() * 2 - 1
+            self.dirs = None
+        else:
+            if m > d:
+                logger.warning(
+                    "audit: %d canaries in %d dimensions (the space the mechanism noises) cannot be orthogonal; their "
+                    "overlap costs the audit power. Use num_canaries <= %d", m, d, d,
+                )
+            g = torch.randn(d, m, generator=gen)
+            if m <= d:
+                g, _ = torch.linalg.qr(g)  # orthonormal: no canary's signal lands on another's score
+            self.dirs = (g / g.norm(dim=0, keepdim=True)).T.contiguous()  # [m, d] unit rows
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The unit directions of canaries ``idx`` as an ``[len(idx), d]`` matrix."""
+        if self.dirs is not None:
+            return self.dirs[idx]
+        flat = torch.zeros(idx.numel(), self.d)
+        flat[torch.arange(idx.numel()), self.coords[idx]] = self.signs[idx]
+        return flat
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        """<u_i, flat> for every canary i: an ``[m]`` vector."""
+        if self.dirs is None:
+            return flat[self.coords] * self.signs
+        return self.dirs @ flat
+
+
 class _CanaryMechanism:
     """Wraps the trainer's GaussianGradientMechanism: at each release the canaries present in the step are
     added as per-sample rows through the mechanism's own ``add_per_sample`` (clipped and summed like data),
@@ -235,6 +274,17 @@ class _AttachGradientCanaries(TrainerCallback):
         self.canaries._install(self.trainer)
 
 
+def _check_canary_args(num_canaries: int, sampling: str, observe: str, direction: str, scale: float) -> None:
+    if num_canaries < 1:
+        raise ValueError("num_canaries must be >= 1")
+    for name, value, choices in (("sampling", sampling, CANARY_SAMPLING), ("observe", observe, OBSERVE),
+                                 ("direction", direction, DIRECTIONS)):
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is unknown: choose one of {', '.join(choices)}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+
+
 class GradientCanaries:
     """m gradient canaries, each included with probability 1/2 (``included``), for one DRTrainer run.
 
@@ -254,14 +304,7 @@ class GradientCanaries:
 
     def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
                  direction: str = "random", scale: float = 1.0, seed: int = 0):
-        if num_canaries < 1:
-            raise ValueError("num_canaries must be >= 1")
-        for name, value, choices in (("sampling", sampling, CANARY_SAMPLING), ("observe", observe, OBSERVE),
-                                     ("direction", direction, DIRECTIONS)):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is unknown: choose one of {', '.join(choices)}")
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be positive and finite, got {scale}")
+        _check_canary_args(num_canaries, sampling, observe, direction, scale)
         self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
         self.direction, self.scale = direction, float(scale)
         self._gen = torch.Generator().manual_seed(seed)
@@ -283,24 +326,8 @@ class GradientCanaries:
         self._numels = [p.numel() for p in mech.params]
         self._device = mech.params[0].device
         d = sum(self._numels)
-        m = self.num_canaries
         norm = self.scale * float(trainer.args.per_sample_max_grad_norm)
-        if self.direction == "dirac":
-            if m > d:
-                raise ValueError(f"{m} Dirac canaries need at least as many coordinates; the adapter has {d}")
-            self._coords = torch.randperm(d, generator=self._gen)[:m]
-            self._signs = torch.randint(0, 2, (m,), generator=self._gen).float() * 2 - 1
-            self._dirs = None
-        else:
-            if m > d:
-                logger.warning(
-                    "audit: %d canaries in %d dimensions (the space the mechanism noises) cannot be orthogonal; their "
-                    "overlap costs the audit power. Use num_canaries <= %d", m, d, d,
-                )
-            g = torch.randn(d, m, generator=self._gen)
-            if m <= d:
-                g, _ = torch.linalg.qr(g)  # orthonormal: no canary's signal lands on another's score
-            self._dirs = (g / g.norm(dim=0, keepdim=True)).T.contiguous()  # [m, d] unit rows
+        self._directions = _CanaryDirections(self.num_canaries, d, self.direction, self._gen)
         if self.observe == "update" and getattr(trainer, "_latent_noise", False):
             raise ValueError(
                 "observe='update' scores canaries in the space of the LoRA gradient, but this run clips and noises "
@@ -321,22 +348,14 @@ class GradientCanaries:
         idx = torch.nonzero(present).flatten()
         if idx.numel() == 0:
             return None
-        d = sum(self._numels)
-        if self._dirs is None:
-            flat = torch.zeros(idx.numel(), d)
-            flat[torch.arange(idx.numel()), self._coords[idx]] = self._signs[idx]
-        else:
-            flat = self._dirs[idx]
+        flat = self._directions.rows(idx)
         flat = (flat * self._norm).to(self._device)
         return [t.reshape(idx.numel(), *s) for t, s in zip(flat.split(self._numels, dim=1), self._shapes)]
 
     def _score(self, grads: list[torch.Tensor], expected_batch_size: float) -> None:
         # The release is (sum + noise) / B; scale back to the sum so that scores read in units of C.
         flat = torch.cat([g.detach().float().flatten().cpu() for g in grads]) * expected_batch_size
-        if self._dirs is None:
-            s = flat[self._coords] * self._signs
-        else:
-            s = self._dirs @ flat
+        s = self._directions.project(flat)
         self.scores += s.double().numpy()
 
 
@@ -459,10 +478,10 @@ class AuditResult:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows) + f"\n{self.message}"
 
 
-def _training_history(ledger) -> list[tuple[float, float, int]]:
-    """The ledger's history without the releases made before training (stage-1 statistics), in which no
-    gradient canary takes part."""
-    skip, out = getattr(ledger, "prior_steps", 0), []
+def _training_history(ledger, extra_skip: int = 0) -> list[tuple[float, float, int]]:
+    """The ledger's history without the releases made before training (stage-1 statistics: the ledger's
+    ``prior_steps`` plus ``extra_skip`` more), in which no gradient canary takes part."""
+    skip, out = getattr(ledger, "prior_steps", 0) + extra_skip, []
     for sigma, q, n in ledger.accountant.history:
         take = min(n, skip)
         skip -= take
@@ -552,19 +571,7 @@ def run_audit(
     report = trainer.privacy_report()
     eps_canary, eps_reported = _canary_epsilon(trainer, canary_type, canary_sampling)
     outcome = lower_bound_from_scores(scores, included, report["delta"], confidence, guesses)
-    passed = outcome.epsilon_lower_bound <= eps_canary
-    if passed:
-        message = (
-            f"PASS: the audit's lower bound {outcome.epsilon_lower_bound:.3f} does not exceed the accountant's "
-            f"{eps_canary:.3f}. This does not prove the run private: a correct and a subtly wrong implementation "
-            "can both give a lower bound below epsilon."
-        )
-    else:
-        message = (
-            f"FAIL: with confidence {confidence}, the run leaked more than epsilon={eps_canary:.3f} about a canary "
-            f"(lower bound {outcome.epsilon_lower_bound:.3f} > accountant's epsilon). Noise was skipped or too small, "
-            "clipping was bypassed, or a release was not accounted: do not trust this configuration's reported epsilon."
-        )
+    passed, message = _verdict(outcome.epsilon_lower_bound, eps_canary, confidence)
     result = AuditResult(
         canary_type=canary_type, canary_sampling=canary_sampling, observe=observe, num_canaries=num_canaries,
         num_included=int(np.sum(included)), guesses=outcome.guesses, correct=outcome.correct,
@@ -581,10 +588,212 @@ def run_audit(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Federated mode: canary parties (client-level, white box)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _RecordingCodec:
+    """The server's view of the codec: delegates everything, and keeps the last input of ``decode`` (the latent
+    aggregate R / sqrt(E[k]) the server decodes), so canaries can be scored before decoding."""
+
+    def __init__(self, inner, sink: "FederatedCanaries"):
+        self._inner, self._sink = inner, sink
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def decode(self, latent, *args, **kwargs):
+        self._sink._last_latent = latent.detach().float().reshape(-1).clone()
+        return self._inner.decode(latent, *args, **kwargs)
+
+
+class FederatedCanaries:
+    """m canary parties, each included with probability 1/2 (``included``), for one FederatedSimulation run.
+
+    An included canary is a party whose update is a fixed unit direction u_i (in the flat LoRA update space,
+    where the parties clip and add noise) scaled to ``scale * max_update_norm``. When it takes part in a
+    round it sends what a real party sends: ``encode_message(privatize_update(update, C, sigma, its own
+    generator))`` from :mod:`hf_drencoder.federated.party` (clipped to C, its own N(0, sigma^2 C^2) noise,
+    encoded with the federation's codec). Its message is added to the round's messages before
+    ``FederatedServer.aggregate_round`` runs, so it counts in k of R = sum / sqrt(k) like any party.
+
+    Args:
+        num_canaries: m.
+        sampling: ``every_step`` (an included canary takes part in every round: a party with rate q = 1,
+            compared with the client-level accountant at q = 1 for the rounds run) or ``poisson`` (each round
+            with the federation's party rate q, like a real party: compared with the reported epsilon).
+        observe: ``release`` (the aggregate before decoding: R itself without a codec, the latent aggregate
+            with one, scored against the encoded directions) or ``update`` (the decoded update the server
+            applies, scored against u_i).
+        direction, scale, seed: as in :class:`GradientCanaries` (the seed sets membership, directions and the
+            Poisson draws; the canaries' noise comes from the federation's ``noise_seed``, or OS entropy).
+    """
+
+    def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
+                 direction: str = "random", scale: float = 1.0, seed: int = 0):
+        _check_canary_args(num_canaries, sampling, observe, direction, scale)
+        self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
+        self.direction, self.scale = direction, float(scale)
+        self._gen = torch.Generator().manual_seed(seed)
+        self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
+        self.scores = np.zeros(num_canaries)
+        self.releases = 0
+        self._last_latent = None
+
+    def attach(self, simulation) -> None:
+        """Hook into ``simulation`` (a fresh FederatedSimulation, before ``run()``): sets it up (ledger,
+        calibration, codec, server) and wraps its server's ``aggregate_round``."""
+        if simulation.round != 0 or simulation.history:
+            raise ValueError("audit a fresh federation: rounds already run (or resumed) contain no canary")
+        simulation._setup()
+        server = simulation.server
+        if getattr(server, "_audit_canaries", None) is not None:
+            return
+        self._sim, self._server = simulation, server
+        self._num_parties = server.num_parties
+        self._norm = self.scale * float(simulation.args.max_update_norm)
+        self._directions = _CanaryDirections(self.num_canaries, server.layout.dim, self.direction, self._gen)
+        if server.codec is not None:
+            server.codec = _RecordingCodec(server.codec, self)
+        inner = server.aggregate_round
+
+        def aggregate_round(messages, round_index):
+            extra = self._messages(round_index)
+            target = self._release_directions() if self.observe == "release" else None
+            out = inner(list(messages) + extra, round_index)
+            self.releases += 1
+            self._score(out, target)
+            return out
+
+        server.aggregate_round = aggregate_round
+        server._audit_canaries = self
+
+    def _messages(self, round_index: int) -> list:
+        from .federated import party as party_module
+        from .federated.server import derive_seed
+        from .privacy.noise import make_generator
+
+        present = torch.as_tensor(self.included)
+        if self.sampling == "poisson":
+            present = present & (torch.rand(self.num_canaries, generator=self._gen) < self._server.sample_rate)
+        idx = torch.nonzero(present).flatten()
+        if idx.numel() == 0:
+            return []
+        server, sim = self._server, self._sim
+        updates = self._directions.rows(idx) * self._norm
+        out = []
+        for i, update in zip(idx.tolist(), updates):
+            pid = self._num_parties + i
+            # the party's own code path: a bug in clipping, noise or encoding reaches the canaries too
+            gen = make_generator("cpu", derive_seed(sim.args.noise_seed, 4, round_index, pid)) if server.dp_enabled else None
+            noised = party_module.privatize_update(update, server.max_norm, server.noise_multiplier, gen)
+            payload, kind = party_module.encode_message(noised, sim.codec, server.decode_noise_std or None)
+            out.append(party_module.PartyMessage(pid, payload, kind))
+        return out
+
+    def _release_directions(self) -> torch.Tensor | None:
+        """With a codec: the canaries' directions in the latent space (the encoder is linear), unit rows, at
+        the codec's current state (the parties encoded with the same state)."""
+        codec = self._sim.codec
+        if codec is None:
+            return None
+        enc = codec.encode(self._directions.rows(torch.arange(self.num_canaries)), noise_std=self._server.decode_noise_std or None)
+        return enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def _score(self, decoded: torch.Tensor, latent_dirs: torch.Tensor | None) -> None:
+        server = self._server
+        # under DP the server releases y = R / sqrt(E[k]); scale back to R so that scores read in units of C
+        unit = math.sqrt(server.expected_parties) if server.dp_enabled else 1.0
+        if latent_dirs is not None:
+            s = latent_dirs @ (self._last_latent * unit)
+        else:
+            s = self._directions.project(decoded.detach().float().reshape(-1).cpu() * unit)
+        self.scores += s.double().numpy()
+
+
+def _verdict(lower_bound: float, eps_canary: float, confidence: float) -> tuple[bool, str]:
+    if lower_bound <= eps_canary:
+        return True, (
+            f"PASS: the audit's lower bound {lower_bound:.3f} does not exceed the accountant's "
+            f"{eps_canary:.3f}. This does not prove the run private: a correct and a subtly wrong implementation "
+            "can both give a lower bound below epsilon."
+        )
+    return False, (
+        f"FAIL: with confidence {confidence}, the run leaked more than epsilon={eps_canary:.3f} about a canary "
+        f"(lower bound {lower_bound:.3f} > accountant's epsilon). Noise was skipped or too small, "
+        "clipping was bypassed, or a release was not accounted: do not trust this configuration's reported epsilon."
+    )
+
+
+def run_federated_audit(
+    simulation,
+    num_canaries: int = 256,
+    canary_sampling: str = "every_step",
+    observe: str = "release",
+    direction: str = "random",
+    canary_scale: float = 1.0,
+    confidence: float = 0.95,
+    guesses: Sequence[tuple[int, int]] | None = None,
+    seed: int = 0,
+    check: bool = True,
+) -> AuditResult:
+    """Run a federation once with canary parties and return the audit's lower bound next to the client-level
+    accountant's epsilon (see :class:`FederatedCanaries` for the canaries and what is compared).
+
+    Args:
+        simulation: a fresh :class:`~hf_drencoder.federated.FederatedSimulation` built as the user builds
+            theirs (model, arguments, codec), or a function of no arguments that returns one. The audit calls
+            ``run()``.
+        confidence, guesses, check: as in :func:`run_audit`.
+    """
+    if not (0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    sim = simulation() if callable(simulation) else simulation
+    canaries = FederatedCanaries(num_canaries, canary_sampling, observe, direction, canary_scale, seed)
+    canaries.attach(sim)
+    sim.run()
+    if canaries.releases == 0:
+        raise RuntimeError("no round was aggregated: the canaries took part in nothing")
+    report = sim.privacy_report()
+    ledger = sim.ledger
+    if ledger.disabled:
+        eps_canary = eps_reported = math.inf
+    else:
+        # stage-1 statistics rounds are in the history too (no canary takes part in them)
+        stats_rounds = sum(1 for h in sim.history if h.get("stage") == "statistics")
+        history = _training_history(ledger, stats_rounds)
+        counted = sum(n for _, _, n in history)
+        if counted < canaries.releases:
+            raise PrivacyAuditError(
+                f"the server aggregated {canaries.releases} rounds but the ledger counted {counted}: a round was not accounted"
+            )
+        if canary_sampling == "every_step":
+            history = [(sigma, 1.0, n) for sigma, _, n in history]
+        with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q) = -inf at q = 1 and handles it
+            eps_canary = compute_epsilon(history, ledger.delta, ledger.accountant_name)
+        eps_reported = ledger.accountant.epsilon()
+    outcome = lower_bound_from_scores(canaries.scores, canaries.included, report["delta"], confidence, guesses)
+    passed, message = _verdict(outcome.epsilon_lower_bound, eps_canary, confidence)
+    result = AuditResult(
+        canary_type="party", canary_sampling=canary_sampling, observe=observe, num_canaries=num_canaries,
+        num_included=int(np.sum(canaries.included)), guesses=outcome.guesses, correct=outcome.correct,
+        abstentions=num_canaries - outcome.guesses, k_plus=outcome.k_plus, k_minus=outcome.k_minus,
+        candidates_tried=outcome.candidates_tried, confidence=confidence, delta=report["delta"],
+        epsilon_lower_bound=outcome.epsilon_lower_bound, epsilon_accountant=eps_canary, epsilon_reported=eps_reported,
+        accountant=report["accountant"], noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"],
+        steps=canaries.releases, dp_enabled=report["dp_enabled"], passed=passed, message=message, report=report,
+    )
+    if check and not passed:
+        raise PrivacyAuditError(message, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------------------
 
 _MODELS = ("tiny-bert", "tiny-llama", "minilm-r8")
+MODES = ("central", "federated")
 
 
 def _model_and_data(name: str, n: int, seed: int):
@@ -632,6 +841,9 @@ def _model_and_data(name: str, n: int, seed: int):
 
 @dataclass
 class AuditArguments:
+    mode: str = field(default="central", metadata={
+        "help": "central: audit DRTrainer (example-level). federated: audit FederatedSimulation with canary parties "
+                "(client-level); the other options are then FederatedArguments'.", "choices": list(MODES)})
     model: str = field(default="tiny-bert", metadata={"help": "tiny-bert | tiny-llama (from configs, random data) | "
                                                               "minilm-r8 (the embedded demo model and data)",
                                                       "choices": list(_MODELS)})
@@ -672,31 +884,59 @@ def _finite_or_str(x):
     return x
 
 
+FEDERATED_AUDIT_DEFAULTS = dict(
+    output_dir="drencoder-audit-federated", num_parties=64, parties_per_round=4, num_rounds=10, local_steps=2,
+    local_batch_size=4, local_learning_rate=0.1, noise_multiplier=1.0, target_delta=1e-5, eval_every=0,
+    disable_tqdm=True, seed=0,
+)
+
+
+def _mode(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--mode" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--mode="):
+            return arg.split("=", 1)[1]
+    return "central"
+
+
 def main(argv: list[str] | None = None) -> AuditResult:
     """``hf-drencoder audit``: train once with canaries; print the table and the JSON; exit 1 if the bound
-    exceeds the accountant's epsilon."""
+    exceeds the accountant's epsilon. ``--mode federated`` audits a FederatedSimulation with canary parties."""
     from transformers import HfArgumentParser
 
-    from .arguments import DRTrainingArguments
-    from .trainer import DRTrainer
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((AuditArguments, DRTrainingArguments))
-    parser.set_defaults(**AUDIT_DEFAULTS)
+    federated = _mode(argv) == "federated"
+    if federated:
+        from .federated import FederatedArguments, FederatedSimulation
+
+        parser = HfArgumentParser((AuditArguments, FederatedArguments))
+        parser.set_defaults(**FEDERATED_AUDIT_DEFAULTS)
+    else:
+        from .arguments import DRTrainingArguments
+        from .trainer import DRTrainer
+
+        parser = HfArgumentParser((AuditArguments, DRTrainingArguments))
+        parser.set_defaults(**AUDIT_DEFAULTS)
     if any(a.startswith("--target_epsilon") for a in argv) or "--disable_dp" in argv:
         parser.set_defaults(noise_multiplier=None)
-    a, train_args = parser.parse_args_into_dataclasses(args=argv)
-    make_model, data = _model_and_data(a.model, a.train_examples, train_args.seed)
-
-    def build(train):
-        return DRTrainer(model=make_model(), args=train_args, train_dataset=train)
+    a, run_args = parser.parse_args_into_dataclasses(args=argv)
+    make_model, data = _model_and_data(a.model, a.train_examples, run_args.seed)
+    common = dict(num_canaries=a.num_canaries, canary_sampling=a.canary_sampling, observe=a.observe,
+                  direction=a.direction, canary_scale=a.canary_scale, confidence=a.confidence, seed=a.audit_seed,
+                  check=True)
+    if federated and a.canary_type != "gradient":
+        raise SystemExit("hf-drencoder audit: --mode federated audits with canary parties (white-box updates); "
+                         "use --canary_type gradient")
 
     try:
-        result = run_audit(
-            build, data, canary_type=a.canary_type, num_canaries=a.num_canaries, canary_sampling=a.canary_sampling,
-            observe=a.observe, direction=a.direction, canary_scale=a.canary_scale, confidence=a.confidence,
-            seed=a.audit_seed, check=True,
-        )
+        if federated:
+            result = run_federated_audit(lambda: FederatedSimulation(make_model(), data, run_args), **common)
+        else:
+            def build(train):
+                return DRTrainer(model=make_model(), args=run_args, train_dataset=train)
+
+            result = run_audit(build, data, canary_type=a.canary_type, **common)
         failed = None
     except PrivacyAuditError as e:
         if e.result is None:
@@ -717,6 +957,7 @@ def main(argv: list[str] | None = None) -> AuditResult:
 
 __all__ = [
     "AuditResult",
+    "FederatedCanaries",
     "GradientCanaries",
     "PrivacyAuditError",
     "audit_p_value",
@@ -727,4 +968,5 @@ __all__ = [
     "lower_bound_from_scores",
     "make_input_canaries",
     "run_audit",
+    "run_federated_audit",
 ]
