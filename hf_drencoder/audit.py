@@ -625,8 +625,10 @@ class FederatedCanaries:
         observe: ``release`` (the aggregate before decoding: R itself without a codec, the latent aggregate
             with one, scored against the encoded directions) or ``update`` (the decoded update the server
             applies, scored against u_i).
-        direction, scale, seed: as in :class:`GradientCanaries` (the seed sets membership, directions and the
-            Poisson draws; the canaries' noise comes from the federation's ``noise_seed``, or OS entropy).
+        direction: as in :class:`GradientCanaries`.
+        scale: as in :class:`GradientCanaries`.
+        seed: sets membership, directions and the Poisson draws (the canaries' noise comes from the
+            federation's ``noise_seed``, or OS entropy).
     """
 
     def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
@@ -744,7 +746,9 @@ def run_federated_audit(
         simulation: a fresh :class:`~hf_drencoder.federated.FederatedSimulation` built as the user builds
             theirs (model, arguments, codec), or a function of no arguments that returns one. The audit calls
             ``run()``.
-        confidence, guesses, check: as in :func:`run_audit`.
+        confidence: as in :func:`run_audit`.
+        guesses: as in :func:`run_audit`.
+        check: as in :func:`run_audit`.
     """
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
