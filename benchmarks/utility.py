@@ -1,0 +1,333 @@
+"""Utility of DR-Encoder against its baselines on the embedded default (MiniLM-L6 + LoRA, Reuters-R8).
+
+    python benchmarks/utility.py [--quick] [--setting central|federated|all] [--resume]
+
+Central setting (sample-level DP, one party): for each method below, a learning rate is picked from the same
+small grid (the same number of trials for every method) by training on 85% of the R8 train split and scoring
+on the other 15% (never on the test split), at epsilon 8 for the private methods. With that learning rate
+the method is then trained on the whole train split at every epsilon and evaluated on a fixed random subset
+of the test split. Every run has the same number of optimizer steps, the same expected batch, the same
+seed (model init, Poisson sampler, noise: all seeded, so runs are reproducible) and the same epsilon
+accounting (PRV, delta = 1/N, the stage-1 cost of codec='auto' included in the same budget).
+
+Methods:
+    lora               plain LoRA, non-private (disable_dp) through the same code path; epsilon inf
+    dp-lora            DP-SGD on the LoRA gradient, no codec; the uplink is the fp32 LoRA gradient
+    dr-paper           DR-Encoder with the paper's prior (one mean and one variance per module), codec='auto'
+    dr-default         DR-Encoder with our default codec (low-rank prior), noise added in gradient space
+    dr-default-latent  the same codec family, per-example latents clipped and noised (noise_space='latent')
+The DR methods also get a non-private row (epsilon inf): the codec alone, without noise.
+
+Federated setting (client-level DP): see ``run_federated``; it needs ``hf_drencoder.federated``.
+
+Rows are appended to benchmarks/results/utility[_quick].json after every run, so a run that is cut off
+keeps what it measured; ``--resume`` skips the rows already there. At the end a table is printed and
+docs/utility.png (accuracy against epsilon) is drawn (not in --quick, which writes utility_quick.png in
+benchmarks/results/ instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+METHODS = {
+    "lora": dict(private=False),
+    "dp-lora": dict(),
+    "dr-paper": dict(codec="auto", codec_prior="paper"),
+    "dr-default": dict(codec="auto", codec_prior="lowrank"),
+    "dr-default-latent": dict(codec="auto", codec_prior="lowrank", noise_space="latent"),
+}
+
+# The configuration of the committed full run and of --quick (see docs/utility.md for why each cut).
+# Epsilons are run in this order (8 first) so that a run cut short still has the headline comparison.
+FULL = dict(
+    batch=256, steps=24, tune_steps=12, max_length=32, test_samples=1000, tune_eval_samples=400,
+    epsilons=[8.0, 1.0, 3.0], lr_grid=[1e-2, 3e-2], methods=list(METHODS),
+    codec_nonprivate=["dr-paper", "dr-default", "dr-default-latent"], seed=0,
+)
+QUICK = dict(
+    batch=64, steps=3, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, epsilons=[8.0],
+    lr_grid=[2e-2], methods=list(METHODS), codec_nonprivate=["dr-default"], seed=0,
+)
+TUNE_EPSILON = 8.0
+TUNE_FRACTION = 0.15
+
+
+def _args(cfg, output_dir, lr, epsilon, method, n_train):
+    from hf_drencoder import DRTrainingArguments
+
+    spec = dict(METHODS[method])
+    private = spec.pop("private", True) and epsilon is not None and math.isfinite(epsilon)
+    kw = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg["batch"],
+        per_device_eval_batch_size=256,
+        max_steps=cfg["steps"],
+        learning_rate=lr,
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_sample_max_grad_norm=1.0,
+        logging_steps=max(1, cfg["steps"] // 5),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["query", "value"],
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        noise_seed=cfg["seed"],
+        # stage 1 of codec='auto': 4 Poisson batches of the training batch size (the trainer default is min(256, N))
+        codec_stats_batch_size=min(cfg["batch"], n_train),
+        **spec,
+    )
+    if private:
+        kw["target_epsilon"] = epsilon
+    else:
+        kw["disable_dp"] = True
+    return DRTrainingArguments(**kw)
+
+
+def train_and_eval(cfg, method, epsilon, lr, train, test, tokenizer, num_labels, steps=None) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_drencoder import DRTrainer
+    from hf_drencoder.embedded import minilm_path
+    from hf_drencoder.metrics import classification_compute_metrics
+
+    if steps is not None:
+        cfg = dict(cfg, steps=steps)
+    torch.manual_seed(cfg["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        args = _args(cfg, out, lr, epsilon, method, len(train))
+        trainer = DRTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+            compute_metrics=classification_compute_metrics(),
+        )
+        trainer.train()
+        train_s = time.perf_counter() - start
+        metrics = trainer.evaluate()
+        report = trainer.privacy_report()
+    row = dict(
+        method=method,
+        epsilon=report["epsilon"],
+        target_epsilon=epsilon,
+        accuracy=metrics["eval_accuracy"],
+        macro_f1=metrics["eval_f1"],
+        uplink_bytes=report["uplink_bytes"],
+        uplink_ratio=report["uplink_ratio"],
+        noise_multiplier=report.get("noise_multiplier"),
+        delta=report.get("delta"),
+        accountant=report.get("accountant"),
+        codec_prior=report.get("codec_prior"),
+        noise_space=report.get("noise_space"),
+        steps=trainer.state.global_step,
+        expected_batch=cfg["batch"],
+        lr=lr,
+        seed=cfg["seed"],
+        train_examples=len(train),
+        eval_examples=len(test),
+        train_s=round(train_s, 1),
+        wall_s=round(time.perf_counter() - start, 1),
+    )
+    del trainer, model
+    gc.collect()
+    return row
+
+
+def _key(row):
+    return (row["setting"], row["method"], row.get("target_epsilon"), row.get("lr"), row.get("split", "test"))
+
+
+class Results:
+    """The rows written so far, saved after every append (a cut-off run keeps its data)."""
+
+    def __init__(self, path, resume):
+        self.path = path
+        self.rows = []
+        if resume and os.path.exists(path):
+            with open(path) as f:
+                self.rows = json.load(f)
+
+    def find(self, **match):
+        return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
+
+    def add(self, row):
+        self.rows = [r for r in self.rows if _key(r) != _key(row)] + [row]
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.rows, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def load_data(cfg):
+    from transformers import AutoTokenizer
+
+    from hf_drencoder.embedded import load_reuters, minilm_path, tokenize_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    data = tokenize_dataset(load_reuters("r8"), tokenizer, max_length=cfg["max_length"])
+    num_labels = data["train"].features["labels"].num_classes
+    # A fixed random subset of the test split (seeded), and a held-out split of TRAIN for tuning.
+    test = data["test"].shuffle(seed=1234).select(range(min(cfg["test_samples"], len(data["test"]))))
+    split = data["train"].train_test_split(test_size=TUNE_FRACTION, seed=1234)
+    tune_eval = split["test"].select(range(min(cfg["tune_eval_samples"], len(split["test"]))))
+    return dict(train=data["train"], test=test, tune_train=split["train"], tune_eval=tune_eval,
+                tokenizer=tokenizer, num_labels=num_labels)
+
+
+def _log(msg):
+    print(f"[utility {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_central(cfg, results: Results, data) -> None:
+    common = (data["tokenizer"], data["num_labels"])
+    best_lr = {}
+    for method in cfg["methods"]:
+        private = METHODS[method].get("private", True)
+        tune_eps = TUNE_EPSILON if private else math.inf
+        # Tuning: the same grid (so the same number of trials) and the same steps for every method.
+        scores = {}
+        for lr in cfg["lr_grid"]:
+            done = results.find(setting="central", method=method, split="tune", lr=lr)
+            if done:
+                row = done[0]
+            else:
+                _log(f"tune {method} lr {lr:g} (epsilon {tune_eps})")
+                row = train_and_eval(cfg, method, tune_eps, lr, data["tune_train"], data["tune_eval"], *common,
+                                     steps=cfg["tune_steps"])
+                row.update(setting="central", split="tune")
+                results.add(row)
+            scores[lr] = row["accuracy"]
+            _log(f"  {method} lr {lr:g}: held-out accuracy {row['accuracy']:.4f}")
+        best_lr[method] = max(cfg["lr_grid"], key=lambda lr: (scores[lr], -lr))
+    # Final runs, epsilon by epsilon (8 first), then the non-private rows.
+    plan = [(m, eps) for eps in cfg["epsilons"] for m in cfg["methods"] if METHODS[m].get("private", True)]
+    plan += [(m, math.inf) for m in cfg["methods"] if not METHODS[m].get("private", True)]
+    plan += [(m, math.inf) for m in cfg["methods"] if m in cfg["codec_nonprivate"]]
+    for method, eps in plan:
+        if results.find(setting="central", method=method, split="test", target_epsilon=eps):
+            continue
+        lr = best_lr[method]
+        _log(f"run {method} epsilon {eps} lr {lr:g}")
+        row = train_and_eval(cfg, method, eps, lr, data["train"], data["test"], *common)
+        row.update(setting="central", split="test", tuned_lr_grid=cfg["lr_grid"])
+        results.add(row)
+        _log(f"  {method} epsilon {row['epsilon']:.3g}: accuracy {row['accuracy']:.4f} "
+             f"(uplink {row['uplink_bytes']} B, {row['train_s']} s)")
+
+
+def run_federated(cfg, results: Results, data) -> None:
+    """Client-level DP: 100 parties, about 10 per round, Dirichlet(0.5) non-IID, epsilon 8, the same methods."""
+    try:
+        import hf_drencoder.federated  # noqa: F401
+    except ImportError:
+        _log("federated: hf_drencoder.federated is not available on this branch; skipped")
+        return
+    raise NotImplementedError("the federated utility benchmark is not written yet")
+
+
+def print_table(rows) -> str:
+    lines = [f"{'setting':<10} {'method':<18} {'epsilon':>8} {'accuracy':>8} {'macro-F1':>8} {'uplink B':>9} "
+             f"{'ratio':>7} {'sigma':>7} {'lr':>6} {'steps':>5} {'train s':>7}"]
+    for r in rows:
+        if r.get("split", "test") != "test":
+            continue
+        eps = "inf" if not math.isfinite(r["epsilon"]) else f"{r['epsilon']:.2f}"
+        lines.append(
+            f"{r['setting']:<10} {r['method']:<18} {eps:>8} {r['accuracy']:>8.4f} {r.get('macro_f1', float('nan')):>8.4f} "
+            f"{r['uplink_bytes']:>9} {r.get('uplink_ratio', float('nan')):>7.4f} {r.get('noise_multiplier') or 0:>7.3f} "
+            f"{r.get('lr', float('nan')):>6.0e} {r.get('steps', 0):>5} {r.get('train_s', float('nan')):>7.0f}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["setting"] == "central" and r.get("split", "test") == "test"]
+    if not rows:
+        return
+    finite = sorted({r["target_epsilon"] for r in rows if math.isfinite(r["target_epsilon"])})
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in METHODS:
+        mr = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target_epsilon"])
+        if not mr:
+            continue
+        xs = [r["target_epsilon"] if math.isfinite(r["target_epsilon"]) else inf_x for r in mr]
+        ax.plot(xs, [r["accuracy"] for r in mr], marker="o", label=method)
+    ax.set_xscale("log")
+    ticks = finite + [inf_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in finite] + ["no DP"])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon (PRV, delta = 1/N; sample-level)")
+    ax.set_ylabel("accuracy on R8 test subset")
+    first = rows[0]
+    ax.set_title(f"MiniLM-L6 + LoRA on Reuters-R8: {first['steps']} steps, expected batch {first['expected_batch']}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _log(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=["central", "federated", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="tiny configuration (every code path, ~10 min on 2 cores)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in the results file, skip their runs")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--output", help="results file (default benchmarks/results/utility[_quick].json)")
+    a = p.parse_args(argv)
+    cfg = dict(QUICK if a.quick else FULL)
+    if a.methods:
+        cfg["methods"] = a.methods
+    if a.steps:
+        cfg["steps"] = a.steps
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    _log(f"config {cfg}; torch threads {torch.get_num_threads()}")
+    path = a.output or os.path.join(HERE, "results", "utility_quick.json" if a.quick else "utility.json")
+    results = Results(path, a.resume)
+    data = load_data(cfg)
+    if a.setting in ("central", "all"):
+        run_central(cfg, results, data)
+    if a.setting in ("federated", "all"):
+        run_federated(cfg, results, data)
+    print_table(results.rows)
+    plot(results.rows, os.path.join(HERE, "results", "utility_quick.png") if a.quick
+         else os.path.join(ROOT, "docs", "utility.png"))
+    _log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
