@@ -2,13 +2,15 @@
 
     python benchmarks/utility.py [--quick] [--setting central|federated|all] [--resume]
 
-Central setting (sample-level DP, one party): for each method below, a learning rate is picked from the same
-small grid (the same number of trials for every method) by training on 85% of the R8 train split and scoring
-on the other 15% (never on the test split), at epsilon 8 for the private methods. With that learning rate
-the method is then trained on the whole train split at every epsilon and evaluated on a fixed random subset
-of the test split. Every run has the same number of optimizer steps, the same expected batch, the same
-seed (model init, Poisson sampler, noise: all seeded, so runs are reproducible) and the same epsilon
-accounting (PRV, delta = 1/N, the stage-1 cost of codec='auto' included in the same budget).
+Central setting (sample-level DP, one party): every method is trained on the whole R8 train split at every
+epsilon and evaluated on a fixed random subset of the test split. Every run has the same number of optimizer
+steps, the same expected batch, the same seeds (seed, data_seed and noise_seed all 0: the same head
+initialisation, Poisson batches and noise draws for every method) and the same accounting (PRV, delta = 1/N, the stage-1 cost of codec='auto' inside the same
+epsilon). The learning rate is fixed per privacy regime (one for private runs, one for non-private runs) and is
+the same for every method, i.e. every method gets the same tuning budget. Given two or more learning rates
+(--lr_private / --lr_nonprivate), each method is tuned instead: trained on 85% of the train split with each
+learning rate (epsilon 8 for private runs) and scored on the other 15% -- never on the test split -- with the
+same grid, hence the same number of trials, for every method.
 
 Methods:
     lora               plain LoRA, non-private (disable_dp) through the same code path; epsilon inf
@@ -16,7 +18,8 @@ Methods:
     dr-paper           DR-Encoder with the paper's prior (one mean and one variance per module), codec='auto'
     dr-default         DR-Encoder with our default codec (low-rank prior), noise added in gradient space
     dr-default-latent  the same codec family, per-example latents clipped and noised (noise_space='latent')
-The DR methods also get a non-private row (epsilon inf): the codec alone, without noise.
+The methods listed in the configuration's codec_nonprivate also get a non-private row (epsilon inf): the codec
+alone, without noise.
 
 Federated setting (client-level DP): see ``run_federated``; it needs ``hf_drencoder.federated``.
 
@@ -54,14 +57,18 @@ METHODS = {
 
 # The configuration of the committed full run and of --quick (see docs/utility.md for why each cut).
 # Epsilons are run in this order (8 first) so that a run cut short still has the headline comparison.
+# lr_grid: learning rates tried for private runs and for non-private runs; a one-element grid means no tuning
+# runs (the learning rate is fixed); with more, each method gets the same trials on the held-out train split.
+# The committed run is cut to fit ~1 hour on a shared 2-core machine: see docs/utility.md.
 FULL = dict(
-    batch=256, steps=24, tune_steps=12, max_length=32, test_samples=1000, tune_eval_samples=400,
-    epsilons=[8.0, 1.0, 3.0], lr_grid=[1e-2, 3e-2], methods=list(METHODS),
-    codec_nonprivate=["dr-paper", "dr-default", "dr-default-latent"], seed=0,
+    batch=256, steps=12, tune_steps=12, max_length=16, test_samples=500, tune_eval_samples=400,
+    epsilons=[8.0, 1.0, 3.0], lr_grid={"private": [2e-2], "nonprivate": [1e-2]}, methods=list(METHODS),
+    codec_nonprivate=["dr-default"], stats_batches=2, stats_batch=128, seed=0,
 )
 QUICK = dict(
-    batch=64, steps=3, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, epsilons=[8.0],
-    lr_grid=[2e-2], methods=list(METHODS), codec_nonprivate=["dr-default"], seed=0,
+    batch=32, steps=2, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, epsilons=[8.0],
+    lr_grid={"private": [2e-2], "nonprivate": [1e-2, 2e-2]}, methods=list(METHODS), codec_nonprivate=["dr-default"],
+    stats_batches=2, stats_batch=32, seed=0,
 )
 TUNE_EPSILON = 8.0
 TUNE_FRACTION = 0.15
@@ -92,8 +99,10 @@ def _args(cfg, output_dir, lr, epsilon, method, n_train):
         seed=cfg["seed"],
         data_seed=cfg["seed"],
         noise_seed=cfg["seed"],
-        # stage 1 of codec='auto': 4 Poisson batches of the training batch size (the trainer default is min(256, N))
-        codec_stats_batch_size=min(cfg["batch"], n_train),
+        # stage 1 of codec='auto' (trainer defaults: 4 Poisson batches of expected size min(256, N)); its cost is
+        # charged to the same epsilon
+        codec_stats_batches=cfg["stats_batches"],
+        codec_stats_batch_size=min(cfg["stats_batch"], n_train),
         **spec,
     )
     if private:
@@ -199,38 +208,51 @@ def _log(msg):
     print(f"[utility {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def tune(cfg, results: Results, data, method, private, grid) -> float:
+    """The learning rate of ``grid`` with the best accuracy on the held-out 15% of the train split, trained on the
+    other 85% (epsilon 8 for private runs). Every method gets the same grid, so the same number of trials."""
+    eps = TUNE_EPSILON if private else math.inf
+    scores = {}
+    for lr in grid:
+        done = results.find(setting="central", method=method, split="tune", lr=lr, target_epsilon=eps)
+        if done:
+            row = done[0]
+        else:
+            _log(f"tune {method} lr {lr:g} (epsilon {eps})")
+            row = train_and_eval(cfg, method, eps, lr, data["tune_train"], data["tune_eval"], data["tokenizer"],
+                                 data["num_labels"], steps=cfg["tune_steps"])
+            row.update(setting="central", split="tune")
+            results.add(row)
+        scores[lr] = row["accuracy"]
+        _log(f"  {method} lr {lr:g}: held-out accuracy {row['accuracy']:.4f}")
+    return max(grid, key=lambda lr: (scores[lr], -lr))
+
+
 def run_central(cfg, results: Results, data) -> None:
     common = (data["tokenizer"], data["num_labels"])
     best_lr = {}
     for method in cfg["methods"]:
-        private = METHODS[method].get("private", True)
-        tune_eps = TUNE_EPSILON if private else math.inf
-        # Tuning: the same grid (so the same number of trials) and the same steps for every method.
-        scores = {}
-        for lr in cfg["lr_grid"]:
-            done = results.find(setting="central", method=method, split="tune", lr=lr)
-            if done:
-                row = done[0]
-            else:
-                _log(f"tune {method} lr {lr:g} (epsilon {tune_eps})")
-                row = train_and_eval(cfg, method, tune_eps, lr, data["tune_train"], data["tune_eval"], *common,
-                                     steps=cfg["tune_steps"])
-                row.update(setting="central", split="tune")
-                results.add(row)
-            scores[lr] = row["accuracy"]
-            _log(f"  {method} lr {lr:g}: held-out accuracy {row['accuracy']:.4f}")
-        best_lr[method] = max(cfg["lr_grid"], key=lambda lr: (scores[lr], -lr))
-    # Final runs, epsilon by epsilon (8 first), then the non-private rows.
-    plan = [(m, eps) for eps in cfg["epsilons"] for m in cfg["methods"] if METHODS[m].get("private", True)]
-    plan += [(m, math.inf) for m in cfg["methods"] if not METHODS[m].get("private", True)]
-    plan += [(m, math.inf) for m in cfg["methods"] if m in cfg["codec_nonprivate"]]
+        has_private = METHODS[method].get("private", True)
+        for private in (True, False):
+            if (private and not has_private) or (not private and has_private and method not in cfg["codec_nonprivate"]):
+                continue
+            grid = cfg["lr_grid"]["private" if private else "nonprivate"]
+            best_lr[method, private] = grid[0] if len(grid) == 1 else tune(cfg, results, data, method, private, grid)
+    # Final runs: the first epsilon (8) and the non-private baseline first, then the other epsilons, then the
+    # codecs without noise.
+    private = [m for m in cfg["methods"] if METHODS[m].get("private", True)]
+    plan = [(m, cfg["epsilons"][0]) for m in private]
+    plan += [(m, math.inf) for m in cfg["methods"] if m not in private]
+    plan += [(m, eps) for eps in cfg["epsilons"][1:] for m in private]
+    plan += [(m, math.inf) for m in private if m in cfg["codec_nonprivate"]]
     for method, eps in plan:
         if results.find(setting="central", method=method, split="test", target_epsilon=eps):
             continue
-        lr = best_lr[method]
+        lr = best_lr[method, math.isfinite(eps)]
         _log(f"run {method} epsilon {eps} lr {lr:g}")
         row = train_and_eval(cfg, method, eps, lr, data["train"], data["test"], *common)
-        row.update(setting="central", split="test", tuned_lr_grid=cfg["lr_grid"])
+        row.update(setting="central", split="test",
+                   lr_grid=cfg["lr_grid"]["private" if math.isfinite(eps) else "nonprivate"])
         results.add(row)
         _log(f"  {method} epsilon {row['epsilon']:.3g}: accuracy {row['accuracy']:.4f} "
              f"(uplink {row['uplink_bytes']} B, {row['train_s']} s)")
@@ -304,14 +326,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny configuration (every code path, ~10 min on 2 cores)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in the results file, skip their runs")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="optimizer steps of every run (tuning runs too)")
+    p.add_argument("--lr_private", type=float, nargs="+",
+                   help="learning rates for private runs; two or more: tune each method on the held-out train split")
+    p.add_argument("--lr_nonprivate", type=float, nargs="+", help="the same for non-private runs")
     p.add_argument("--output", help="results file (default benchmarks/results/utility[_quick].json)")
     a = p.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL)
     if a.methods:
         cfg["methods"] = a.methods
     if a.steps:
-        cfg["steps"] = a.steps
+        cfg["steps"] = cfg["tune_steps"] = a.steps
+    cfg["lr_grid"] = {"private": a.lr_private or cfg["lr_grid"]["private"],
+                      "nonprivate": a.lr_nonprivate or cfg["lr_grid"]["nonprivate"]}
     logging.basicConfig(level=logging.WARNING)
     import torch
 
