@@ -61,12 +61,13 @@ METHODS = {
 # runs (the learning rate is fixed); with more, each method gets the same trials on the held-out train split.
 # The committed run is cut to fit ~1 hour on a shared 2-core machine: see docs/utility.md.
 FULL = dict(
-    batch=256, steps=12, tune_steps=12, max_length=16, test_samples=500, tune_eval_samples=400,
-    epsilons=[8.0, 1.0, 3.0], lr_grid={"private": [2e-2], "nonprivate": [1e-2]}, methods=list(METHODS),
+    batch=256, steps=48, tune_steps=12, max_length=16, test_samples=1000, tune_eval_samples=300, schedule="constant",
+    epsilons=[8.0, 1.0, 3.0], lr_grid={"private": [1e-2], "nonprivate": [1e-2]}, methods=list(METHODS),
     codec_nonprivate=["dr-default"], stats_batches=2, stats_batch=128, seed=0,
 )
 QUICK = dict(
-    batch=32, steps=2, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, epsilons=[8.0],
+    batch=32, steps=2, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, schedule="constant",
+    epsilons=[8.0],
     lr_grid={"private": [2e-2], "nonprivate": [1e-2, 2e-2]}, methods=list(METHODS), codec_nonprivate=["dr-default"],
     stats_batches=2, stats_batch=32, seed=0,
 )
@@ -86,6 +87,7 @@ def _args(cfg, output_dir, lr, epsilon, method, n_train):
         max_steps=cfg["steps"],
         learning_rate=lr,
         warmup_steps=0,
+        lr_scheduler_type=cfg["schedule"],
         weight_decay=0.0,
         per_sample_max_grad_norm=1.0,
         logging_steps=max(1, cfg["steps"] // 5),
@@ -141,6 +143,7 @@ def train_and_eval(cfg, method, epsilon, lr, train, test, tokenizer, num_labels,
         target_epsilon=epsilon,
         accuracy=metrics["eval_accuracy"],
         macro_f1=metrics["eval_f1"],
+        eval_loss=metrics["eval_loss"],
         uplink_bytes=report["uplink_bytes"],
         uplink_ratio=report["uplink_ratio"],
         noise_multiplier=report.get("noise_multiplier"),
