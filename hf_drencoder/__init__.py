@@ -3,18 +3,25 @@
 __version__ = "0.1.0"
 
 from .arguments import DRTrainingArguments
+from .audit import AuditResult, PrivacyAuditError, run_audit
 from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
+from .federated import FederatedArguments, FederatedSimulation
 from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
 from .trainer import DRTrainer
 
 __all__ = [
+    "AuditResult",
+    "PrivacyAuditError",
+    "run_audit",
     "build_prior",
     "calibrate_noise_multiplier",
     "collect_gradient_statistics",
     "compute_epsilon",
     "DRTrainer",
     "DRTrainingArguments",
+    "FederatedArguments",
+    "FederatedSimulation",
     "GradientCodec",
     "LayoutMismatchError",
     "LoraLayout",

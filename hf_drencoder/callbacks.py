@@ -33,11 +33,10 @@ def load_privacy_state(checkpoint_dir: str) -> dict:
 
 class PrivacyCallback(TrainerCallback):
     """Installed by DRTrainer. It stops training before a step that would exceed ``target_epsilon`` and
-    writes the accountant history (and the codec, whose temporal state evolves) into every checkpoint. (The privacy metrics are added to the logs by
+    writes the accountant history into every checkpoint (``DRTrainer.save_model`` writes the codec there). (The privacy metrics are added to the logs by
     ``DRTrainer.log`` so that every ``report_to`` backend receives them.)"""
 
-    def __init__(self, ledger: PrivacyLedger, planned_steps: int, codec=None):
-        self.codec = codec
+    def __init__(self, ledger: PrivacyLedger, planned_steps: int):
         self.ledger = ledger
         self.planned_steps = planned_steps
 
@@ -76,5 +75,3 @@ class PrivacyCallback(TrainerCallback):
             raise PrivacyBudgetError(f"checkpoint folder {folder} not found: cannot record the privacy state in it")
         with open(os.path.join(folder, PRIVACY_STATE_NAME), "w") as f:
             json.dump({"ledger": self.ledger.state_dict(), "report": self.ledger.report()}, f, indent=2)
-        if self.codec is not None:
-            self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))

@@ -39,9 +39,23 @@ def _pretrain_codec(argv: list[str]) -> None:
     run_pretrain_codec(p.parse_args(["pretrain-codec", *argv]))
 
 
+def _federated(argv: list[str]) -> None:
+    from .federated.cli import main as federated_main
+
+    federated_main(argv)
+
+
+def _audit(argv: list[str]) -> None:
+    from .audit import main as audit_main
+
+    audit_main(argv)
+
+
 COMMANDS = {
+    "audit": (_audit, "empirical privacy audit: a lower bound on epsilon from canaries, checked against the accountant"),
     "demo": (_demo, "fine-tune the embedded MiniLM + LoRA privately on Reuters-R8; print accuracy and epsilon"),
     "epsilon": (_epsilon, "epsilon under RDP, PRV and GDP for a noise multiplier, sample rate and number of steps"),
+    "federated": (_federated, "federated simulation with client-level DP on the embedded MiniLM + Reuters-R8"),
     "pretrain-codec": (_pretrain_codec, "stage 1: pre-train a gradient codec from private statistics"),
 }
 

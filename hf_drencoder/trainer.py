@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import warnings
 from typing import Callable
 
@@ -29,13 +30,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRTrainingArguments
+from .distributed import from_main_process, sum_over_processes
 from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
-from .privacy.per_sample import pop_per_sample_gradients
+from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
 from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class DRTrainer(Trainer):
         peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
         codec: a :class:`~hf_drencoder.codec.GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
             (stage 1 on the training data before training); overrides ``args.codec``. See docs/codec.md.
-        Every other argument is Trainer's.
+
+    Every other argument is Trainer's.
 
     Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
     and everything derived from it. Training loss and evaluation metrics are computed on data and logged as
@@ -80,7 +83,12 @@ class DRTrainer(Trainer):
         # Only adapter tensors may train: anything else would be released without clipping or noise.
         trainable_adapter_parameters(model)
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
+        if self.dp_enabled and self.args.world_size > 1:
+            # Trainer would all-gather token counts only on processes whose first micro-batch has labels; a Poisson
+            # share can be empty, and the per-example loss does not use the count
+            self.args.average_tokens_across_devices = False
         if self.dp_enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
             logger.info(
                 "DRTrainer: Trainer's batch-gradient clipping (max_grad_norm=%s) is off under DP: each example is "
@@ -90,7 +98,6 @@ class DRTrainer(Trainer):
             self.args.max_grad_norm = 0.0
         self.task = infer_task(self.model)
         self.post_privacy_hooks: list[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = []
-        self._codec_spec = codec if codec is not None else self.args.codec
         if self.args.noise_space == "latent" and self._codec_spec is None:
             raise ValueError("noise_space='latent' needs a codec: pass codec= or set codec='auto'")
         self.codec = None  # the GradientCodec in use, set up by train()
@@ -111,17 +118,28 @@ class DRTrainer(Trainer):
         if not self.dp_enabled:
             return
         problems = []
-        if self.args.world_size > 1:
+        if self.args.world_size > 1 and isinstance(self._codec_spec, str) and self._codec_spec == "auto":
             problems.append(
-                f"{self.args.world_size} processes: data-parallel DP is not supported yet; run one process"
+                "codec='auto' with several processes: stage 1 would run (and be paid for) once per process. Pre-train "
+                "the codec in one process (hf-drencoder pretrain-codec) and pass its path"
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            problems.append(
+                f"the job was launched with {launched} processes but TrainingArguments sees one (on a CPU-only machine "
+                "transformers needs use_cpu=True for that): every process would train and release on its own, each "
+                "with its own epsilon. Set use_cpu=True (--use_cpu) on CPU, or launch one process"
             )
         if self.args.n_gpu > 1:
             problems.append(
                 f"{self.args.n_gpu} GPUs in one process (torch DataParallel replicates the hooked modules); "
                 "set CUDA_VISIBLE_DEVICES to one GPU"
             )
-        if self.args.fp16 or self.args.bf16:
-            problems.append("mixed precision (fp16/bf16) is not supported yet under DP; train in fp32")
+        if self.args.fp16:
+            problems.append(
+                "fp16 needs loss scaling, which would scale per-example gradients before clipping; use bf16 (per-example "
+                "gradients, clipping and noise stay in fp32) or fp32"
+            )
         if self.args.gradient_checkpointing or getattr(self.args, "activation_checkpointing", False):
             problems.append("gradient_checkpointing re-runs forward hooks and breaks per-sample gradients; turn it off")
         if self.args.label_smoothing_factor:
@@ -171,6 +189,21 @@ class DRTrainer(Trainer):
     def _steps_per_epoch(self, n: int) -> int:
         return max(n // self.expected_batch_size, 1)
 
+    def _sampling_seed(self) -> int:
+        """Seed of the Poisson sampler. Under DP it is secret like the noise: the accountants' amplification by
+        subsampling assumes nobody knows which examples a step used, and ``seed`` / ``data_seed`` are saved
+        with the run's arguments. So: fresh OS entropy (the same on every process), or derived from
+        ``noise_seed`` when that is set (reproducible runs for tests). Without DP: ``data_seed`` or ``seed``."""
+        if not self.dp_enabled:
+            return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if getattr(self, "_secret_sampling_seed", None) is None:
+            if self.args.noise_seed is not None:
+                seed = (self.args.noise_seed * 1_000_033 + 7) % (2**62)
+            else:
+                seed = secrets.randbits(62)
+            self._secret_sampling_seed = from_main_process(seed) if self.args.world_size > 1 else seed
+        return self._secret_sampling_seed
+
     def planned_optimizer_steps(self) -> int:
         """Optimizer steps Trainer will run: the number the noise is calibrated for."""
         if self.args.max_steps > 0:
@@ -196,15 +229,22 @@ class DRTrainer(Trainer):
             sample_rate=self.expected_batch_size / n,
             steps_per_epoch=self._steps_per_epoch(n),
             micro_batches=self.args.gradient_accumulation_steps,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            seed=self._sampling_seed(),
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
         )
-        loader = DataLoader(
+        loader_cls = DataLoader if self.args.world_size == 1 else _PoissonShareLoader
+        loader = loader_cls(
             dataset,
             batch_sampler=sampler,
             collate_fn=EmptyBatchCollator(collator),
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
+        if self.args.world_size > 1:
+            # accelerate would deal whole batches out to processes in turn (N Poisson batches per step: N times the
+            # rate the accountant is given); the sampler already gives each process its share of one batch
+            return loader
         return self.accelerator.prepare(loader)
 
     # ---- training ----
@@ -214,6 +254,7 @@ class DRTrainer(Trainer):
             raise ValueError("DRTrainer.train() needs a train_dataset")
         n = self._check_train_dataset()
         planned = self.planned_optimizer_steps()
+        self._secret_sampling_seed = None  # every run draws its own (secret) batches
         self.ledger = PrivacyLedger(
             delta=self.target_delta(n),
             sample_rate=self.expected_batch_size / n,
@@ -339,7 +380,7 @@ class DRTrainer(Trainer):
             num_batches=self.args.codec_stats_batches,
             accountant=stage1 if self.dp_enabled else None,
             micro_batch_size=self.args.per_device_train_batch_size,
-            seed=self.args.seed,
+            seed=self._sampling_seed() + 1,
             noise_seed=seed,
             progress=not self.args.disable_tqdm,
         )
@@ -375,7 +416,7 @@ class DRTrainer(Trainer):
             if isinstance(cb, PrivacyCallback):
                 self.callback_handler.remove_callback(cb)
         # First in the list, so that its budget stop is seen before any other callback acts on the step.
-        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned, codec=self.codec))
+        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned))
 
     def _log_privacy_parameters(self, n: int, planned: int) -> None:
         if not self.dp_enabled:
@@ -412,12 +453,11 @@ class DRTrainer(Trainer):
             expected_batch_size=self.expected_batch_size,
             clipping=self.args.clipping,
             noise_seed=seed,
+            draws_noise=self.args.process_index == 0,  # one draw per step for the whole job (main process)
         )
         if self.dp_enabled:
-            from opacus.grad_sample import GradSampleHooks
-
             # Hooks on the submodules, not a wrapper: the PeftModel stays what save_model/push_to_hub expect.
-            self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="sum", strict=False)
+            self._hooks = attach_grad_sample_hooks(self.model)
 
     def _stop_mechanism(self) -> None:
         if self._hooks is not None:
@@ -442,14 +482,19 @@ class DRTrainer(Trainer):
         loss = torch.zeros((), device=self.args.device)
         if EMPTY_BATCH_KEY not in inputs:
             inputs = self._prepare_inputs(inputs)
-            with self.compute_loss_context_manager():
+            if self.args.world_size > 1:
+                # the hooked modules themselves, not DDP: its forward/backward collectives would wait for processes
+                # whose Poisson share is empty; the one collective of a step is the noised sum in the release
+                model = self.accelerator.unwrap_model(model)
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
                 losses = self.per_sample_losses(model, inputs)
             with warnings.catch_warnings():
                 # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 losses.sum().backward()
             self._collect_gradients(losses.shape[0])
-            loss = losses.detach().sum() / self.expected_batch_size
+            # Trainer averages the logged loss over processes: each reports its share times the number of processes
+            loss = losses.detach().float().sum() * self.args.world_size / self.expected_batch_size
         if self.accelerator.sync_gradients:
             self._release_private_gradient()
         return loss
@@ -479,7 +524,7 @@ class DRTrainer(Trainer):
     def _release_private_gradient(self) -> None:
         # Count first: a release the budget does not allow is refused before any noise is drawn or used.
         self.ledger.record_step()
-        grads = self._mechanism.release()
+        grads = self._mechanism.release(all_reduce=sum_over_processes if self.args.world_size > 1 else None)
         if self._latent_noise:
             decoded = self.codec.decode(grads[0], self.codec_noise_std)
             self.codec.observe(decoded)  # the temporal state follows released (decoded) gradients only
@@ -519,8 +564,71 @@ class DRTrainer(Trainer):
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Trainer's save (the adapter), then ``privacy_report.json``, the model card ``README.md`` carrying the
+        privacy report, and the gradient codec (``codec/``) when one is used."""
         super().save_model(output_dir, _internal_call)
-        if self.ledger is not None and self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.ledger is not None:
+            report = self.privacy_report()
             with open(os.path.join(output_dir, PRIVACY_REPORT_NAME), "w") as f:
-                json.dump(self.privacy_report(), f, indent=2)
+                json.dump(report, f, indent=2)
+            # Replaces the card peft's save_pretrained just wrote: the shared model states its guarantee.
+            self._model_card(report).save(os.path.join(output_dir, "README.md"))
+        codec = getattr(self, "codec", None)
+        if codec is not None:
+            # The codec's state is built from prior samples and already released (private) updates only.
+            codec.save_pretrained(os.path.join(output_dir, CODEC_DIR))
+
+    def _model_card(self, report: dict, finetuned_from: str | None = None, **kwargs):
+        from .hub import build_model_card
+
+        if finetuned_from is None:
+            peft_config = getattr(self.model, "peft_config", {}).get("default")
+            finetuned_from = getattr(peft_config, "base_model_name_or_path", None)
+        eval_results = None
+        for entry in reversed(self.state.log_history if self.state is not None else []):
+            if any(k.startswith("eval_") for k in entry):
+                eval_results = {k: v for k, v in entry.items() if k.startswith("eval_")}
+                break
+        return build_model_card(report, base_model=finetuned_from, eval_results=eval_results, **kwargs)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir``: Hub metadata and the privacy report (called by ``push_to_hub``).
+
+        Before ``train()`` there is no privacy report, and Trainer's own card is written. ``tasks`` and
+        ``dataset_args`` are accepted for compatibility and not used; ``dataset`` / ``dataset_tags`` go into the
+        ``datasets`` metadata and should be Hub dataset ids.
+        """
+        if not self.is_world_process_zero():
+            return
+        if self.ledger is None:
+            return super().create_model_card(
+                language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+                tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            )
+        datasets = dataset_tags if dataset_tags is not None else dataset
+        card = self._model_card(
+            self.privacy_report(), finetuned_from=finetuned_from, datasets=datasets, tags=tags, model_name=model_name,
+            language=language, license=license,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+
+class _PoissonShareLoader(DataLoader):
+    """A process's loader of its share of each Poisson batch (data parallel), with Trainer's ``set_epoch``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)

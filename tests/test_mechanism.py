@@ -166,3 +166,15 @@ def test_per_sample_gradients_equal_one_example_at_a_time(arch):
             r += x * min(1.0, C / (norm + 1e-6))
     for s, r in zip(sums, ref):
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
+
+
+def test_only_the_noise_drawing_process_adds_noise_and_the_sum_is_reduced_before_dividing():
+    p = torch.nn.Parameter(torch.zeros(2000))
+    quiet = GaussianGradientMechanism([p], 1.0, 3.0, 4, noise_seed=1, draws_noise=False)
+    quiet.add_per_sample([torch.full((2, 2000), 0.01)])
+    torch.testing.assert_close(quiet.release()[0], torch.full((2000,), 0.02 / 4))  # clipped sum / B, no noise
+    loud = GaussianGradientMechanism([p], 1.0, 3.0, 4, noise_seed=1)
+    seen = []
+    out = loud.release(all_reduce=lambda ts: seen.append([t.clone() for t in ts]) or [t * 2 for t in ts])[0]
+    assert seen[0][0].std().item() == pytest.approx(3.0, rel=0.05)  # the noise is in what is reduced
+    torch.testing.assert_close(out, seen[0][0] * 2 / 4)

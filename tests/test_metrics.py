@@ -150,3 +150,37 @@ def test_unknown_metric_names_are_rejected(offline):
         load_metric("bleu")
     with pytest.raises(ValueError, match="classification metrics"):
         classification_compute_metrics(("accuracy", "perplexity"))
+
+
+def test_causal_lm_perplexity_through_the_trainer_offline(tmp_path, offline, monkeypatch):
+    """Perplexity of a tiny Llama through Trainer.evaluate with HF_HUB_OFFLINE=1 and no socket, against the
+    model's own loss computed directly."""
+    import torch
+    from transformers import EvalPrediction, Trainer, TrainingArguments
+
+    from conftest import make_lm_dataset, make_tiny_llama
+    from hf_drencoder.metrics import causal_lm_compute_metrics, causal_lm_preprocess_logits
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail(f"network access to {a}"))
+    model, data = make_tiny_llama().eval(), make_lm_dataset(n=10, seq=12)
+    trainer = Trainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none"),
+        eval_dataset=data, compute_metrics=causal_lm_compute_metrics(),
+        preprocess_logits_for_metrics=causal_lm_preprocess_logits,
+    )
+    result = trainer.evaluate()
+
+    batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+    tokens = int((labels != -100).sum())
+    assert result["eval_num_tokens"] == tokens
+    assert result["eval_perplexity"] == pytest.approx(math.exp(nll.item() / tokens), rel=1e-4)
+
+    # Raw logits (no preprocessing) give the same number.
+    raw = causal_lm_compute_metrics()(EvalPrediction(predictions=logits.numpy(), label_ids=batch["labels"].numpy()))
+    assert raw["perplexity"] == pytest.approx(result["eval_perplexity"], rel=1e-4)
+    with pytest.raises(ValueError, match="shifted labels"):
+        causal_lm_compute_metrics()((np.zeros((10, 12)), batch["labels"].numpy()))

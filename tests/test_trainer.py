@@ -308,24 +308,15 @@ def test_plain_trainer_and_dr_trainer_share_the_trainer_interface():
     assert issubclass(DRTrainer, Trainer)
 
 
-def test_push_to_hub_uploads_the_adapter_and_privacy_report(tmp_path, monkeypatch, cls_dataset):
-    import types
+def test_poisson_batches_do_not_follow_the_public_seed(tmp_path, lm_dataset):
+    # seed/data_seed are saved with the run's arguments; under DP the batches must not be derivable from them
+    def batches(noise_seed, seed=0):
+        trainer = DRTrainer(model=make_tiny_llama(), args=dr_args(tmp_path, noise_seed=noise_seed, seed=seed),
+                            train_dataset=lm_dataset)
+        trainer._secret_sampling_seed = None
+        return [b for b in trainer.get_train_dataloader().batch_sampler]
 
-    import transformers.trainer as hf_trainer
-
-    uploads = []
-
-    class FakeApi:  # stands in for the Hub: records what Trainer.push_to_hub would send
-        def create_repo(self, repo_id, **kw):
-            return types.SimpleNamespace(repo_id=f"user/{repo_id}")
-
-        def upload_folder(self, repo_id, folder_path, **kw):
-            uploads.append((repo_id, sorted(os.listdir(folder_path))))
-
-    monkeypatch.setattr(hf_trainer, "hf_api", lambda: FakeApi())
-    trainer = DRTrainer(model=make_tiny_bert(), args=dr_args(tmp_path, max_steps=2), train_dataset=cls_dataset)
-    trainer.train()
-    trainer.push_to_hub()
-    (repo, files), = uploads
-    assert repo == "user/out"
-    assert {"adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "README.md"} <= set(files)
+    assert batches(None) != batches(None)  # fresh entropy each run, same public seed
+    assert batches(5) == batches(5, seed=1)  # noise_seed (tests only) makes them reproducible, seed does not matter
+    plain = DRTrainer(model=make_tiny_llama(), args=dr_args(tmp_path, disable_dp=True, seed=4), train_dataset=lm_dataset)
+    assert plain._sampling_seed() == 4  # without DP the usual seeds apply

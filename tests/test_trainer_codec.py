@@ -39,10 +39,10 @@ def _spy_release(trainer, clean, noisy):
     mech = trainer._mechanism
     original = mech.release
 
-    def release():
+    def release(all_reduce=None):
         sums = mech._sums if mech._sums is not None else [torch.zeros(p.shape) for p in mech.params]
         clean.append(torch.cat([s.reshape(-1) for s in sums]).clone())
-        out = original()
+        out = original(all_reduce)
         noisy.append(torch.cat([o.reshape(-1) for o in out]).clone())
         return out
 

@@ -159,7 +159,8 @@ def run_pretrain_codec(args: argparse.Namespace):
         accountant = PrivacyAccountant(delta=delta, accountant=args.accountant)
         stats = collect_gradient_statistics(
             model, data, collate, max_grad_norm=args.max_grad_norm, noise_multiplier=args.stats_noise_multiplier,
-            expected_batch_size=args.stats_batch_size, num_batches=args.stats_batches, accountant=accountant, seed=args.seed,
+            expected_batch_size=args.stats_batch_size, num_batches=args.stats_batches, accountant=accountant,
+            # the batches are drawn from OS entropy: --seed is public, the sample must not be derivable from it
         )
         stats.save(os.path.join(args.output_dir, "statistics"))
         with open(os.path.join(args.output_dir, "privacy_accountant.json"), "w") as f:

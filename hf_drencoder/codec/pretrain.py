@@ -89,8 +89,10 @@ def pretrain_codec(
         lora_rank: rank of the warm-started low-rank part for the LoRA factors; ``None`` means 1 for the MMSE
             decoder (the best measured) and 0 for the learned one. Groups that do not fit in 80% of the
             latent are left to coordinate selection.
-        max_steps, batch_size, lr: residual training; ``eval_every`` steps a held-out evaluation, stop after
+        max_steps: steps of residual training; every ``eval_every`` steps a held-out evaluation, stop after
             ``patience`` evaluations without improvement, keep the best state.
+        batch_size: synthetic gradients per step of residual training.
+        lr: learning rate of residual training.
         min_gain: the residual is kept only if its held-out loss is below ``(1 - min_gain)`` x the MMSE one.
         seed: seeds sampling, noise and initialisation (same seed, same codec).
     """

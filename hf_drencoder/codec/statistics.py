@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -41,7 +42,7 @@ import torch
 from ..privacy.accounting import PrivacyAccountant
 from ..privacy.clipping import clip_and_sum, per_sample_norms
 from ..privacy.noise import gaussian_noise_like, make_generator
-from ..privacy.per_sample import pop_per_sample_gradients
+from ..privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
 from .layout import LoraLayout
 
 PARTS = ("sum", "sumsq", "row_sumsq", "col_sumsq")
@@ -335,7 +336,7 @@ def collect_gradient_statistics(
     accountant: PrivacyAccountant | None = None,
     parts: Sequence[str] = DEFAULT_PARTS,
     micro_batch_size: int = 32,
-    seed: int = 0,
+    seed: int | None = None,
     noise_seed: int | None = None,
     progress: bool = True,
 ) -> GradientStatistics:
@@ -346,7 +347,6 @@ def collect_gradient_statistics(
     to ``max_grad_norm``; each batch's sums are released with noise multiplier ``noise_multiplier`` and
     recorded as ``accountant.step(noise_multiplier, q)``, composing with training in the same ledger.
     """
-    from opacus.grad_sample import GradSampleHooks
     from tqdm.auto import tqdm
 
     from ..losses import infer_task
@@ -362,10 +362,14 @@ def collect_gradient_statistics(
     task = infer_task(model)
     problem_type = getattr(getattr(model, "config", None), "problem_type", None)
     acc = StatisticsAccumulator(layout, max_grad_norm, noise_multiplier, q, n, parts, accountant, noise_seed)
-    sampler = PoissonBatchSampler(n, q, steps_per_epoch=num_batches, micro_batches=1, seed=seed)
+    # the sampling is secret like the noise (amplification by subsampling assumes nobody knows the batches):
+    # fresh OS entropy unless a seed is given (reproducible runs for tests)
+    sampler = PoissonBatchSampler(
+        n, q, steps_per_epoch=num_batches, micro_batches=1, seed=seed if seed is not None else secrets.randbits(62)
+    )
     was_training = model.training
     model.train()  # opacus hooks capture nothing in eval mode
-    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    hooks = attach_grad_sample_hooks(model)
     try:
         for indices in tqdm(sampler, total=num_batches, desc="stage-1 statistics", disable=not progress):
             for start in range(0, len(indices), micro_batch_size):

@@ -12,7 +12,12 @@ import os
 
 import numpy as np
 
-__all__ = ["load_metric", "classification_compute_metrics"]
+__all__ = [
+    "load_metric",
+    "classification_compute_metrics",
+    "causal_lm_compute_metrics",
+    "causal_lm_preprocess_logits",
+]
 
 _METRICS = ("accuracy", "f1", "perplexity")
 _CLASSIFICATION_METRICS = ("accuracy", "f1")
@@ -89,5 +94,67 @@ def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
         for name, module in modules.items():
             results.update(module.compute(predictions=predictions, references=references))
         return results
+
+    return compute_metrics
+
+
+def causal_lm_preprocess_logits(logits, labels):
+    """``preprocess_logits_for_metrics`` for causal language models: per-token NLL instead of logits.
+
+    Trainer keeps every evaluation batch's predictions in memory; for a language model these are
+    ``[batch, seq_len, vocab_size]`` logits. This function reduces them, batch by batch, to the NLL of each
+    next token (``[batch, seq_len - 1]``, natural log; 0 where the label is -100), which
+    :func:`causal_lm_compute_metrics` turns into perplexity.
+
+    Args:
+        logits: the model's logits (a tuple whose first item is the logits is accepted).
+        labels: the token labels as given to the model (``labels == input_ids``, -100 where not scored).
+    """
+    import torch
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    shifted_logits, shifted_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
+    )
+
+
+def causal_lm_compute_metrics():
+    """Build a ``compute_metrics`` function that reports the perplexity of a causal language model.
+
+    It takes an ``EvalPrediction`` whose predictions are either the per-token NLL produced by
+    :func:`causal_lm_preprocess_logits` (recommended: pass it as ``preprocess_logits_for_metrics``) or the raw
+    logits, and whose ``label_ids`` are the labels given to the model (the input ids, unshifted, -100 where
+    not scored). Token ``t`` is scored by the prediction at ``t - 1``, as in the models' own loss. The metric
+    is the shipped ``perplexity`` script, loaded by path (no Hub access).
+
+    Returns:
+        A function returning ``{"perplexity": ..., "nll": ..., "num_tokens": ...}``: the corpus perplexity
+        ``exp(total NLL / scored tokens)``, not a mean of per-sequence perplexities.
+    """
+    module = load_metric("perplexity")
+
+    def compute_metrics(eval_pred):
+        if hasattr(eval_pred, "predictions"):
+            predictions, labels = eval_pred.predictions, eval_pred.label_ids
+        else:
+            predictions, labels = eval_pred[0], eval_pred[1]
+        if isinstance(predictions, (tuple, list)):
+            predictions = predictions[0]
+        predictions, labels = np.asarray(predictions), np.asarray(labels)
+        if predictions.ndim == 3:
+            return module.compute(predictions=list(predictions), references=list(labels), shift_labels=True)
+        if predictions.ndim != 2:
+            raise ValueError(
+                f"expected per-token NLL [batch, seq_len - 1] or logits [batch, seq_len, vocab], got {predictions.shape}"
+            )
+        references = labels[:, 1:]
+        if predictions.shape != references.shape:
+            raise ValueError(
+                f"per-token NLL {predictions.shape} does not match the shifted labels {references.shape}: "
+                "produce it with causal_lm_preprocess_logits"
+            )
+        return module.compute(predictions=list(predictions), references=list(references))
 
     return compute_metrics

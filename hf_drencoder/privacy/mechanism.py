@@ -20,6 +20,11 @@ class GaussianGradientMechanism:
 
     With ``noise_multiplier=0`` and ``max_grad_norm=inf`` it is the same computation without privacy (the
     ``disable_dp`` baseline): plain summed gradients divided by the expected batch size.
+
+    Data parallel: each process holds the clipped sum of its share of the batch; ``release(all_reduce=...)``
+    sums the shares across processes. Exactly one process (``draws_noise=True``, the main one) adds the noise
+    to its share before the sum, so the released sum carries one draw of N(0, sigma^2 C^2 I), and every
+    process receives the same released tensor.
     """
 
     def __init__(
@@ -30,6 +35,7 @@ class GaussianGradientMechanism:
         expected_batch_size: float,
         clipping: str = "flat",
         noise_seed: int | None = None,
+        draws_noise: bool = True,
     ):
         if not params:
             raise ValueError("no trainable parameters")
@@ -40,6 +46,7 @@ class GaussianGradientMechanism:
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.clipping = clipping
+        self.draws_noise = bool(draws_noise)
         self.generator = make_generator(self.params[0].device, noise_seed)
         self._sums: list[torch.Tensor] | None = None
         self.last_norms: torch.Tensor | None = None
@@ -72,18 +79,17 @@ class GaussianGradientMechanism:
             raise RuntimeError("add_summed bypasses per-sample clipping and is only allowed when DP is disabled")
         self._add([g.detach().float().clone() for g in grads])
 
-    def release(self) -> list[torch.Tensor]:
+    def release(self, all_reduce=None) -> list[torch.Tensor]:
         """The privatised mean gradient of this step; resets the accumulator. A step with no examples
-        releases pure noise, as the mechanism requires."""
+        releases pure noise, as the mechanism requires. ``all_reduce`` (data parallel) sums a list of tensors
+        over processes; it is applied after this process's noise (if it draws it) and before the division."""
         sums = self._sums if self._sums is not None else [torch.zeros(p.shape, device=p.device) for p in self.params]
         self._sums = None
-        std = self.noise_std
-        out = []
-        for s in sums:
-            if std > 0:
-                s = s + gaussian_noise_like(s, std, self.generator)
-            out.append(s / self.expected_batch_size)
-        return out
+        std = self.noise_std if self.draws_noise else 0.0
+        noised = [s + gaussian_noise_like(s, std, self.generator) if std > 0 else s for s in sums]
+        if all_reduce is not None:
+            noised = all_reduce(noised)
+        return [s / self.expected_batch_size for s in noised]
 
     def state_dict(self) -> dict:
         return {"generator_state": self.generator.get_state()}

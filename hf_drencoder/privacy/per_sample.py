@@ -24,3 +24,23 @@ def pop_per_sample_gradients(params: list[torch.nn.Parameter], batch_size: int) 
         p.grad_sample = None
         p.grad = None
     return samples
+
+
+def _in_fp32(grad_sampler):
+    def compute(layer, activations, backprops):
+        activations = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in activations]
+        return grad_sampler(layer, activations, backprops.float())
+
+    return compute
+
+
+def attach_grad_sample_hooks(model: torch.nn.Module):
+    """opacus hooks on ``model``'s submodules (the model is not wrapped, so a ``PeftModel`` stays one) that
+    compute every per-sample gradient in fp32: under bf16 autocast the captured activations and backprops are
+    bf16, and a per-sample gradient rounded to bf16 would carry its rounding into the clipped sum."""
+    from opacus.grad_sample import GradSampleHooks
+
+    class FP32GradSampleHooks(GradSampleHooks):
+        GRAD_SAMPLERS = {kind: _in_fp32(fn) for kind, fn in GradSampleHooks.GRAD_SAMPLERS.items()}
+
+    return FP32GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)

@@ -23,9 +23,24 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     The draws come from a generator seeded with ``(seed, epoch)`` so that a resumed run that skips the
     first batches of an epoch replays the same draws.
+
+    Data parallel (``num_replicas`` > 1): every process draws the same global batch (same seed) and keeps
+    the share ``rank::num_replicas`` of each micro-batch, so the union over processes is exactly one Poisson
+    sample at the global rate (the rate the accountant is given), whatever the number of processes.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps_per_epoch: int, micro_batches: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps_per_epoch: int,
+        micro_batches: int = 1,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if not (0 <= rank < num_replicas):
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         if num_samples <= 0:
             raise ValueError("PoissonBatchSampler needs a non-empty dataset")
         if not (0 < sample_rate <= 1):
@@ -35,6 +50,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps_per_epoch = steps_per_epoch
         self.micro_batches = micro_batches
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -50,7 +67,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
             indices = mask.nonzero().flatten()
             for chunk in torch.tensor_split(indices, self.micro_batches):
-                yield chunk.tolist()
+                yield chunk[self.rank :: self.num_replicas].tolist()
 
 
 class EmptyBatchCollator:

@@ -1,0 +1,133 @@
+"""FederatedArguments: the settings of a federated simulation, parseable by ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..privacy.accounting import ACCOUNTANTS
+from .partition import PARTITIONS
+
+PARTY_SAMPLING = ("poisson", "fixed")
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class FederatedArguments:
+    """Arguments of :class:`~hf_drencoder.federated.FederatedSimulation`.
+
+    Privacy (the unit protected is one PARTY, i.e. all rows of one party's dataset):
+        target_epsilon / noise_multiplier: exactly one (or ``disable_dp``). With ``target_epsilon`` the noise
+            multiplier is solved for ``num_rounds`` rounds (after any stage-1 statistics rounds) and the run
+            stops before the budget is exceeded.
+        target_delta: default 1 / num_parties; larger values are refused.
+        max_update_norm: C, the L2 bound on each party's update (local adapter - global adapter), flat over
+            all trainable LoRA tensors.
+        party_sampling: ``poisson`` (each party joins a round independently with rate q). ``fixed`` is
+            refused: sampling a fixed number of parties without replacement needs a different analysis.
+        parties_per_round: expected parties per round; q = parties_per_round / num_parties.
+
+    Each sampled party adds its own noise N(0, sigma^2 C^2 I) before anything leaves it; the server sums the
+    messages it receives and divides by sqrt(number received). docs/federated.md has the argument.
+    """
+
+    output_dir: str = field(default="federated_output", metadata={"help": "Where the history, the adapter, the privacy report and resumable states go."})
+    num_parties: int = field(default=100, metadata={"help": "Number of parties the training set is split into."})
+    partition: str = field(default="iid", metadata={"help": "iid, or dirichlet (non-IID by the label column).", "choices": list(PARTITIONS)})
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Concentration of the Dirichlet split: small = each party has few classes."})
+    label_column: str | None = field(default=None, metadata={"help": "Column the Dirichlet split is made by (default: labels, else label)."})
+    partition_seed: int = field(default=0, metadata={"help": "Seed of the split of the data among parties."})
+    num_rounds: int = field(default=30, metadata={"help": "Training rounds planned (the noise is calibrated for them)."})
+    party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: refused (see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
+    parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
+    local_steps: int = field(default=5, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
+    local_batch_size: int = field(default=16, metadata={"help": "Batch size of the local steps."})
+    local_learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of the local steps."})
+    local_optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw (fresh state each round).", "choices": list(LOCAL_OPTIMIZERS)})
+    server_learning_rate: float = field(default=1.0, metadata={"help": "The server adds server_learning_rate x the decoded aggregate update."})
+    max_update_norm: float = field(default=1.0, metadata={"help": "C: each party's update is clipped to L2 norm <= C (the client-level sensitivity)."})
+    target_epsilon: float | None = field(default=None, metadata={"help": "Client-level budget epsilon. Set exactly one of target_epsilon and noise_multiplier."})
+    noise_multiplier: float | None = field(default=None, metadata={"help": "Noise std of each party's message as a multiple of max_update_norm."})
+    target_delta: float | None = field(default=None, metadata={"help": "delta of the guarantee; default 1/num_parties, larger values are refused."})
+    accountant: str = field(default="prv", metadata={"help": "Accountant for calibration and the headline epsilon; all are logged.", "choices": list(ACCOUNTANTS)})
+    disable_dp: bool = field(default=False, metadata={"help": "Non-private FedAvg through the same code path (no clipping, no noise, epsilon = inf)."})
+    codec: str | None = field(default=None, metadata={"help": "A codec folder or Hub id, or 'auto' (stage 1 from the parties). Default: send the noised update itself."})
+    codec_latent_ratio: float = field(default=1 / 64, metadata={"help": "Latent size over update size for codec='auto'."})
+    codec_prior: str = field(default="lowrank", metadata={"help": "Prior for codec='auto': paper, element or lowrank.", "choices": ["paper", "element", "lowrank"]})
+    stats_rounds: int = field(default=2, metadata={"help": "Stage-1 statistics rounds for codec='auto' (each one accounted at rate q)."})
+    stats_noise_multiplier: float = field(default=2.0, metadata={"help": "Noise multiplier of the stage-1 statistics release (per party, local)."})
+    eval_every: int = field(default=5, metadata={"help": "Evaluate every this many rounds (and after the last); 0: only after the last."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Batch size of evaluation."})
+    save_every: int = field(default=0, metadata={"help": "Save a resumable federation state every this many rounds (0: only at the end)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A federation state folder to continue from."})
+    seed: int = field(default=0, metadata={"help": "Seed of local batch order and of model-side randomness."})
+    sampling_seed: int | None = field(default=None, metadata={"help": "Seed of the party sampling. Default: OS entropy (the sample must stay secret for amplification); set it for reproducible runs."})
+    noise_seed: int | None = field(default=None, metadata={"help": "Seed of the parties' noise. Default: OS entropy. Seeded noise is reproducible noise: for tests only."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar over rounds."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank when the model is not a PeftModel and no peft_config is given."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt for the default LoRA config."})
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def sample_rate(self) -> float:
+        return self.parties_per_round / self.num_parties
+
+    @property
+    def delta(self) -> float:
+        return self.target_delta if self.target_delta is not None else 1.0 / self.num_parties
+
+    def validate(self) -> None:
+        """Refuse settings under which the guarantee cannot hold or is undefined (before any training)."""
+        if self.num_parties < 1:
+            raise ValueError(f"num_parties must be >= 1, got {self.num_parties}")
+        if not (0 < self.parties_per_round <= self.num_parties):
+            raise ValueError(f"parties_per_round must be in (0, num_parties={self.num_parties}], got {self.parties_per_round}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition={self.partition!r} is unknown: choose one of {', '.join(PARTITIONS)}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"local_optimizer={self.local_optimizer!r} is unknown: choose one of {', '.join(LOCAL_OPTIMIZERS)}")
+        if self.num_rounds < 1 or self.local_steps < 1 or self.local_batch_size < 1:
+            raise ValueError("num_rounds, local_steps and local_batch_size must be >= 1")
+        if self.stats_rounds < 0:
+            raise ValueError(f"stats_rounds must be >= 0, got {self.stats_rounds}")
+        if self.party_sampling == "fixed":
+            raise ValueError(
+                "party_sampling='fixed' is refused: a fixed number of parties drawn without replacement is a different "
+                "mechanism (replace-one adjacency, sampling without replacement) that the accountants here do not "
+                "analyse, and accounting it as Poisson would misstate epsilon. Use party_sampling='poisson' with "
+                "parties_per_round as the expected number"
+            )
+        if self.party_sampling not in PARTY_SAMPLING:
+            raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: use poisson")
+        if self.target_delta is not None and not (0 < self.target_delta < 1):
+            raise ValueError(f"target_delta={self.target_delta} must be in (0, 1)")
+        if self.disable_dp:
+            return
+        if self.delta > 1.0 / self.num_parties:
+            raise ValueError(
+                f"target_delta={self.delta:.3g} is above 1/num_parties = {1.0 / self.num_parties:.3g}: such a delta allows "
+                "publishing one party's data outright. Use target_delta <= 1/num_parties (the default)"
+            )
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            which = "both" if self.target_epsilon is not None else "neither"
+            raise ValueError(
+                f"set exactly one of target_epsilon and noise_multiplier ({which} is set), or disable_dp=True for a "
+                "non-private run"
+            )
+        if self.target_epsilon is not None and not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ValueError(f"target_epsilon={self.target_epsilon} must be a positive finite number")
+        if self.noise_multiplier is not None and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier} must be positive (0 would be no privacy: use disable_dp)")
+        if not (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)):
+            raise ValueError(f"max_update_norm={self.max_update_norm} must be a positive finite number (it is the sensitivity)")
+        if self.codec == "auto" and self.stats_rounds > 0 and not (self.stats_noise_multiplier > 0):
+            raise ValueError("stats_noise_multiplier must be > 0 under DP")
+
+
+__all__ = ["FederatedArguments", "LOCAL_OPTIMIZERS", "PARTY_SAMPLING"]

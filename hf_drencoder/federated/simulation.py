@@ -1,0 +1,449 @@
+"""FederatedSimulation: N parties and a server in one process, with client-level differential privacy.
+
+One round (docs/federated.md):
+
+    server samples parties (Poisson, rate q)         the accountant counts the round first: (sigma, q)
+    each sampled party, from the global adapter:
+        local steps on its own data                  non-private locally: the unit is the party
+        update u = local - global (flat LoRA tensors)
+        m = clip_C(u) + N(0, sigma^2 C^2 I)          its own generator: nothing un-noised leaves it
+        [encode with a linear codec]                 the message and its byte size
+    server: R = sum m / sqrt(k) (k = 0: its own draw of one message's noise)
+        update = server_lr * decode(R / sqrt(q N))   q N is public; decoding is post-processing
+    global adapter += update; log epsilon (every accountant), eval metrics, uplink bytes, parties
+
+A party that raises is left out of the round (logged); the round is still counted with the same (sigma, q).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..codec.codec import GradientCodec
+from ..codec.layout import LoraLayout
+from ..lora import trainable_adapter_parameters, wrap_with_lora
+from ..losses import infer_task, per_sample_losses
+from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
+from ..privacy.ledger import PrivacyLedger
+from .accounting import account_codec_prior, public_history, server_view_epsilon
+from .arguments import FederatedArguments
+from .partition import partition_indices
+from .party import Party, PartyMessage, _model_inputs, statistics_message
+from .server import FederatedServer, derive_seed, party_round_randomness
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "federation_state.json"
+ADAPTER_NAME = "global_adapter.safetensors"
+CODEC_DIR = "codec"
+HISTORY_NAME = "federated_history.json"
+REPORT_NAME = "privacy_report.json"
+
+
+class FederatedSimulation:
+    """Federated DP LoRA fine-tuning of ``model`` over parties holding parts of ``train_dataset``.
+
+    Args:
+        model: a ``PeftModel``, or a transformers model wrapped with ``peft_config`` (or a default LoRA config
+            from ``args.lora_*``). Only adapter tensors may be trainable.
+        train_dataset: a tokenized ``datasets.Dataset`` (model inputs and ``labels``); it is split among
+            ``args.num_parties`` parties by ``args.partition`` unless ``partitions`` (row indices per party) is given.
+        args: :class:`FederatedArguments`.
+        eval_dataset: evaluated on the global adapter every ``args.eval_every`` rounds.
+        compute_metrics: takes an ``EvalPrediction``, as Trainer's does.
+        codec: a :class:`~hf_drencoder.codec.GradientCodec`, a folder or Hub id, ``"auto"`` (stage 1 from the
+            parties), or None (default: ``args.codec``). Its encoder must be linear.
+        data_collator: turns a list of rows into a batch (default ``transformers.default_data_collator``).
+
+    ``run()`` returns the per-round history (a list of dicts), also written to ``output_dir``.
+    """
+
+    def __init__(self, model, train_dataset, args: FederatedArguments, eval_dataset=None, codec=None, data_collator=None,
+                 compute_metrics: Callable | None = None, peft_config=None, partitions: list[list[int]] | None = None):
+        from transformers import default_data_collator
+
+        self.args = args
+        self.model = wrap_with_lora(model, peft_config, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                    target_modules=args.lora_target_modules)
+        # only adapter tensors may train: anything else would change without being clipped or noised
+        self.params = [p for _, p in trainable_adapter_parameters(self.model)]
+        self.layout = LoraLayout.from_model(self.model)
+        self.task = infer_task(self.model)
+        self.data_collator = data_collator or default_data_collator
+        if partitions is None:
+            partitions = partition_indices(train_dataset, args.num_parties, args.partition, args.dirichlet_alpha,
+                                           args.label_column, args.partition_seed)
+        if len(partitions) != args.num_parties:
+            raise ValueError(f"{len(partitions)} partitions given for num_parties={args.num_parties}")
+        self.partition_sizes = [len(p) for p in partitions]
+        self.parties = [Party(i, train_dataset.select(idx), self.data_collator) for i, idx in enumerate(partitions)]
+        self.eval_dataset = eval_dataset
+        self.compute_metrics = compute_metrics
+        self.codec_spec = codec if codec is not None else args.codec
+        self.codec: GradientCodec | None = None
+        self.ledger: PrivacyLedger | None = None
+        self.server: FederatedServer | None = None
+        self.history: list[dict] = []
+        self.round = 0
+        self.participation = np.zeros(args.num_parties, dtype=np.int64)
+        self.stats_participation = np.zeros(args.num_parties, dtype=np.int64)
+        self.sampling_seed = args.sampling_seed if args.sampling_seed is not None else secrets.randbits(63)
+        self._ready = False
+        self._server_view_cache: dict = {}
+
+    # ---- properties ----------------------------------------------------------------------------------------
+    @property
+    def dp_enabled(self) -> bool:
+        return not self.args.disable_dp
+
+    @property
+    def expected_parties(self) -> float:
+        return self.args.sample_rate * self.args.num_parties
+
+    def _global_flat(self) -> torch.Tensor:
+        return self.layout.flatten([p.detach().cpu() for p in self.params])
+
+    def _set_global(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, self.layout.unflatten(flat)):
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+    # ---- setup: resume, stage 1, calibration ---------------------------------------------------------------
+    def _setup(self) -> None:
+        if self._ready:
+            return
+        a = self.args
+        self.ledger = PrivacyLedger(
+            delta=a.delta, sample_rate=a.sample_rate, max_grad_norm=a.max_update_norm, accountant_name=a.accountant,
+            noise_multiplier=a.noise_multiplier, target_epsilon=a.target_epsilon, unit="party", disabled=not self.dp_enabled,
+        )
+        if a.resume_from_checkpoint:
+            self._load_state(a.resume_from_checkpoint)
+        else:
+            self._resolve_codec()
+        remaining = a.num_rounds - self.round
+        if remaining > 0 or self.ledger.noise_multiplier is None:
+            self.ledger.calibrate(self.ledger.steps + max(remaining, 1))
+        if self.codec_spec == "auto" and self.codec is None:
+            self._pretrain_codec()
+        sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
+        self.server = FederatedServer(self.layout, a.num_parties, a.sample_rate, a.max_update_norm if self.dp_enabled else math.inf,
+                                      sigma, self.codec, self.sampling_seed, a.noise_seed)
+        self._log_privacy_parameters()
+        self._ready = True
+
+    def _resolve_codec(self) -> None:
+        spec = self.codec_spec
+        if spec is None:
+            return
+        if isinstance(spec, GradientCodec):
+            self.codec = spec
+        elif spec == "auto":
+            if self.args.stats_rounds < 1:
+                raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
+            self._run_statistics_rounds()
+            return
+        elif isinstance(spec, str):
+            self.codec = GradientCodec.from_pretrained(spec, model=self.model)
+        else:
+            raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, 'auto' or None; got {type(spec).__name__}")
+        self.codec.check_layout(self.model)
+        account_codec_prior(self.ledger, self.codec)
+
+    def _run_statistics_rounds(self) -> None:
+        """Stage 1 from the parties: each sampled party releases noised statistics of its clipped update
+        (locally); the server aggregates them and builds the prior. One accountant step (z, q) per round."""
+        from ..codec.priors import build_prior
+
+        a = self.args
+        z = a.stats_noise_multiplier if self.dp_enabled else 0.0
+        if self.dp_enabled and a.target_epsilon is not None:
+            spent = compute_epsilon([(z, a.sample_rate, a.stats_rounds)], a.delta, a.accountant)
+            if spent >= a.target_epsilon:
+                raise PrivacyBudgetError(
+                    f"the {a.stats_rounds} stage-1 statistics rounds alone would spend epsilon={spent:.3f} >= "
+                    f"target_epsilon={a.target_epsilon}: raise stats_noise_multiplier or lower stats_rounds"
+                )
+        stats_server = FederatedServer(self.layout, a.num_parties, a.sample_rate, a.max_update_norm, z, None,
+                                       self.sampling_seed, a.noise_seed)
+        per_round = []
+        for t in range(a.stats_rounds):
+            index = -(t + 1)
+            sampled = stats_server.sample_parties(index)
+            if self.dp_enabled:
+                self.ledger.accountant.step(z, a.sample_rate)  # counted before anything is released
+            messages, failed = [], []
+            for pid in sampled:
+                try:
+                    update = self._local_update(pid, index)
+                    seed = derive_seed(a.noise_seed, 3, index, pid)
+                    payload = statistics_message(update, self.layout, a.max_update_norm, z, seed)
+                    messages.append(PartyMessage(pid, payload, "statistics"))
+                except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
+                    failed.append(pid)
+                    logger.warning("stage-1 round %d: party %d failed and is left out (%s: %s)", t + 1, pid, type(e).__name__, e)
+            for m in messages:
+                self.stats_participation[m.party_id] += 1
+            per_round.append(messages)
+            record = {"stage": "statistics", "round": t + 1, "parties": sampled, "received": [m.party_id for m in messages],
+                      "failed": failed, "num_received": len(messages),
+                      "uplink_bytes": sum(m.num_bytes for m in messages),
+                      "uplink_bytes_per_party": messages[0].num_bytes if messages else None,
+                      **self.ledger.metrics(), "noise_multiplier": z}
+            self.history.append(record)
+        self._statistics = stats_server.aggregate_statistics(per_round, z)
+        self._prior = build_prior(self._statistics, a.codec_prior, expected_batch_size=self.expected_parties)
+
+    def _pretrain_codec(self) -> None:
+        from ..codec.pretrain import pretrain_codec
+
+        sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
+        noise = sigma * self.args.max_update_norm / math.sqrt(self.expected_parties)
+        # lora_rank=0: the low-rank part's encoder is not linear, and latents are summed across parties
+        self.codec = pretrain_codec(self._prior, self.args.codec_latent_ratio, noise_std=noise if noise > 0 else None,
+                                    lora_rank=0, seed=self.args.seed, progress=False)
+
+    def _log_privacy_parameters(self) -> None:
+        a = self.args
+        if not self.dp_enabled:
+            logger.warning("FederatedSimulation: disable_dp=True, federated training WITHOUT differential privacy (epsilon = inf).")
+            return
+        logger.warning(
+            "FederatedSimulation: client-level DP (unit=party), parties=%d, expected per round=%.4g, q=%.5g, noise_multiplier=%.4g, "
+            "max_update_norm=%g, delta=%.3g, accountant=%s, target_epsilon=%s, rounds=%d, codec=%s, budget lasts %s releases.",
+            a.num_parties, self.expected_parties, a.sample_rate, self.ledger.noise_multiplier, a.max_update_norm, a.delta,
+            a.accountant, a.target_epsilon, a.num_rounds, "none" if self.codec is None else f"{self.codec.latent_dim} values",
+            self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
+        )
+
+    # ---- one round ----------------------------------------------------------------------------------------
+    def _local_update(self, party_id: int, round_index: int) -> torch.Tensor:
+        a = self.args
+        return self.parties[party_id].local_update(
+            self.model, self.params, self.layout, steps=a.local_steps, batch_size=a.local_batch_size,
+            learning_rate=a.local_learning_rate, optimizer=a.local_optimizer, task=self.task,
+            seed=derive_seed(a.seed, round_index, party_id),
+        )
+
+    def party_step(self, party_id: int, round_index: int) -> PartyMessage:
+        """What party ``party_id`` sends in training round ``round_index`` (the global adapter is unchanged)."""
+        a = self.args
+        s = self.server
+        seed, generator = party_round_randomness(a.seed, a.noise_seed, round_index, party_id, self.dp_enabled)
+        return self.parties[party_id].step(
+            self.model, self.params, self.layout, steps=a.local_steps, batch_size=a.local_batch_size,
+            learning_rate=a.local_learning_rate, optimizer=a.local_optimizer, task=self.task,
+            seed=seed, max_norm=s.max_norm, noise_multiplier=s.noise_multiplier,
+            generator=generator, codec=self.codec, codec_noise_std=s.decode_noise_std or None,
+        )
+
+    def run_round(self) -> dict:
+        """One training round; returns its history record."""
+        self._setup()
+        r = self.round
+        t0 = time.perf_counter()
+        sampled = self.server.sample_parties(r)
+        # count first: a round the budget does not allow is refused before any party trains
+        self.ledger.record_step()
+        messages, failed = [], []
+        for pid in sampled:
+            try:
+                messages.append(self.party_step(pid, r))
+            except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
+                failed.append(pid)
+                logger.warning("round %d: party %d failed and is left out (%s: %s)", r + 1, pid, type(e).__name__, e)
+        update = self.server.aggregate_round(messages, r)
+        self._set_global(self._global_flat() + self.args.server_learning_rate * update)
+        for m in messages:
+            self.participation[m.party_id] += 1
+        self.round += 1
+        record = {
+            "stage": "train", "round": self.round, "parties": sampled, "received": [m.party_id for m in messages],
+            "failed": failed, "num_received": len(messages), "uplink_bytes": sum(m.num_bytes for m in messages),
+            "uplink_bytes_per_party": self.server.message_bytes, "update_norm": float(update.norm()),
+            **self.ledger.metrics(), "epsilon_server_view": self.server_view_epsilon(),
+        }
+        a = self.args
+        if self.eval_dataset is not None and (self.round == a.num_rounds or (a.eval_every and self.round % a.eval_every == 0)):
+            record.update(self.evaluate())
+        record["round_time_s"] = time.perf_counter() - t0
+        self.history.append(record)
+        logger.info("round %d: %d/%d parties, epsilon %.4g, uplink %d bytes%s", self.round, len(messages), len(sampled),
+                    record["epsilon"], record["uplink_bytes"],
+                    "".join(f", {k} {v:.4g}" for k, v in record.items() if k.startswith("eval_") and isinstance(v, float)))
+        return record
+
+    def run(self, max_rounds: int | None = None) -> list[dict]:
+        """Run the remaining rounds (at most ``max_rounds`` in this call); returns the whole history."""
+        from tqdm.auto import tqdm
+
+        self._setup()
+        a = self.args
+        end = a.num_rounds if max_rounds is None else min(a.num_rounds, self.round + max_rounds)
+        bar = tqdm(total=a.num_rounds, initial=self.round, desc="federated rounds", disable=a.disable_tqdm)
+        try:
+            while self.round < end:
+                if not self.ledger.budget_allows_step():
+                    logger.warning("Stopping after round %d: one more round would exceed target_epsilon=%s (epsilon spent: %.4f).",
+                                   self.round, a.target_epsilon, self.ledger.metrics()["epsilon"])
+                    break
+                rec = self.run_round()
+                post = {"eps": f"{rec['epsilon']:.3g}", "k": rec["num_received"]}
+                post.update({k[5:]: f"{v:.3f}" for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)})
+                bar.set_postfix(post)
+                bar.update(1)
+                self._write_history()
+                if a.save_every and self.round % a.save_every == 0:
+                    self.save_state(os.path.join(a.output_dir, f"round-{self.round}"))
+        finally:
+            bar.close()
+        self.save_state(os.path.join(a.output_dir, "last-state"))
+        self._write_history()
+        return self.history
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None) -> dict:
+        """``eval_loss`` (mean per-example loss) and ``eval_<metric>`` of ``compute_metrics`` on the global adapter."""
+        from transformers import EvalPrediction
+
+        data = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if data is None:
+            raise ValueError("no eval_dataset")
+        device = self.params[0].device
+        keep = _model_inputs(self.model)
+        problem_type = getattr(getattr(self.model, "config", None), "problem_type", None)
+        was_training = self.model.training
+        self.model.eval()
+        losses, logits, labels = [], [], []
+        bs = self.args.per_device_eval_batch_size
+        try:
+            for start in range(0, len(data), bs):
+                batch = self.data_collator([data[i] for i in range(start, min(start + bs, len(data)))])
+                y = batch["labels"].to(device)
+                out = self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels" and (keep is None or k in keep)})
+                losses.append(per_sample_losses(out.logits, y, self.task, problem_type).cpu())
+                if self.compute_metrics is not None:
+                    logits.append(out.logits.float().cpu().numpy())
+                    labels.append(y.cpu().numpy())
+        finally:
+            self.model.train(was_training)
+        metrics = {"eval_loss": float(torch.cat(losses).mean())}
+        if self.compute_metrics is not None:
+            res = self.compute_metrics(EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels)))
+            metrics.update({f"eval_{k}": float(v) for k, v in res.items()})
+        return metrics
+
+    # ---- privacy report -----------------------------------------------------------------------------------
+    def server_view_epsilon(self) -> float:
+        """epsilon of the most exposed party against the server, which reads every message (see
+        :func:`.accounting.server_view_epsilon`)."""
+        if not self.dp_enabled:
+            return math.inf
+        return server_view_epsilon(self.participation.tolist(), self.stats_participation.tolist(),
+                                   self.ledger.noise_multiplier, self.args.stats_noise_multiplier, self.args.delta,
+                                   self._server_view_cache)
+
+    def privacy_report(self) -> dict:
+        self._setup()
+        a = self.args
+        report = self.ledger.report()
+        report.update({
+            "privacy_unit": "party", "num_parties": a.num_parties, "expected_parties_per_round": self.expected_parties,
+            "party_sampling": "poisson", "max_update_norm": a.max_update_norm, "rounds": self.round,
+            "statistics_rounds": int(sum(1 for h in self.history if h.get("stage") == "statistics")),
+            "stats_noise_multiplier": a.stats_noise_multiplier if self.codec_spec == "auto" else None,
+            "epsilon_server_view": self.server_view_epsilon(),
+            "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
+            "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
+        })
+        return report
+
+    # ---- saving and resuming ------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        a = self.args
+        return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
+                "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
+                "codec": self.codec is not None}
+
+    def save_state(self, folder: str) -> None:
+        """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file({"global": self._global_flat().contiguous()}, os.path.join(folder, ADAPTER_NAME))
+        if self.codec is not None:
+            self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))
+        state = {
+            # no sampling seed: with it, anyone holding the state could recompute who took part in every round
+            "round": self.round, "ledger": self.ledger.state_dict(),
+            "noise_seed": self.args.noise_seed, "participation": self.participation.tolist(),
+            "stats_participation": self.stats_participation.tolist(), "history": self.history,
+            "fingerprint": self._fingerprint(), "report": self.ledger.report(),
+        }
+        with open(os.path.join(folder, STATE_NAME), "w") as f:
+            json.dump(state, f, indent=2)
+
+    def _load_state(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, STATE_NAME)
+        if not os.path.isfile(path):
+            raise PrivacyBudgetError(f"{folder} has no {STATE_NAME}: the privacy spent before it is unknown; resume from a "
+                                     "folder written by FederatedSimulation.save_state")
+        with open(path) as f:
+            state = json.load(f)
+        has_codec = os.path.isdir(os.path.join(folder, CODEC_DIR))
+        if has_codec != (self.codec_spec is not None):
+            raise ValueError(f"the saved federation {'has' if has_codec else 'has no'} codec but this run asks for "
+                             f"codec={self.codec_spec!r}: resume with the same codec setting")
+        if has_codec:
+            self.codec = GradientCodec.from_pretrained(os.path.join(folder, CODEC_DIR), model=self.model)
+        mine, saved = self._fingerprint(), state["fingerprint"]
+        diff = [k for k in mine if mine[k] != saved.get(k)]
+        if diff:
+            raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
+                             "sampling rate, clipping norm, model and LoRA configuration")
+        self.ledger.load_state_dict(state["ledger"])
+        self.round = int(state["round"])
+        # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
+        if state.get("noise_seed") != self.args.noise_seed:
+            logger.warning("resuming with noise_seed=%s (the state was written with %s)", self.args.noise_seed, state.get("noise_seed"))
+        self.participation = np.asarray(state["participation"], dtype=np.int64)
+        self.stats_participation = np.asarray(state["stats_participation"], dtype=np.int64)
+        self.history = list(state["history"])
+        self._set_global(load_file(os.path.join(folder, ADAPTER_NAME))["global"])
+        logger.warning("resumed the federation from %s at round %d (epsilon spent %.4g)", folder, self.round,
+                       self.ledger.metrics()["epsilon"])
+
+    def public_history(self) -> list[dict]:
+        """The history without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
+        return public_history(self.history)
+
+    def _write_history(self) -> None:
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, HISTORY_NAME), "w") as f:
+            json.dump(self.public_history(), f, indent=2)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The global adapter (``save_pretrained``), the codec, the privacy report and the history."""
+        output_dir = output_dir or self.args.output_dir
+        self.model.save_pretrained(output_dir)
+        if self.codec is not None:
+            self.codec.save_pretrained(os.path.join(output_dir, CODEC_DIR))
+        with open(os.path.join(output_dir, REPORT_NAME), "w") as f:
+            json.dump(self.privacy_report(), f, indent=2)
+        with open(os.path.join(output_dir, HISTORY_NAME), "w") as f:
+            json.dump(self.public_history(), f, indent=2)
+
+
+__all__ = ["FederatedSimulation"]

@@ -1,0 +1,423 @@
+"""The federated mode on Flower: the strategy and the ClientApp give what FederatedSimulation gives (same accountant
+history, same global adapter with seeded noise), the party refuses to send un-noised updates, and a real SuperLink
+with 2 SuperNodes on 127.0.0.1 runs 2 rounds with a party that dies mid-round."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from conftest import make_cls_dataset, make_tiny_bert  # noqa: E402
+from hf_drencoder.federated import FederatedArguments, FederatedSimulation, partition_dataset  # noqa: E402
+from hf_drencoder.federated.flower import (  # noqa: E402
+    ClientLevelDPStrategy,
+    FlowerParty,
+    federated_args_from_config,
+    server_app,
+)
+from hf_drencoder.privacy import PrivacyBudgetError, compute_epsilon  # noqa: E402
+from hf_drencoder.codec import LoraLayout  # noqa: E402
+from hf_drencoder.lora import trainable_adapter_parameters, wrap_with_lora  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TARGETS = ["query", "value"]
+
+
+def fed_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "fed"), num_parties=4, parties_per_round=2, num_rounds=2, local_steps=2,
+                local_batch_size=4, local_learning_rate=0.1, noise_multiplier=1.0, noise_seed=0, sampling_seed=3,
+                seed=0, disable_tqdm=True, eval_every=0, lora_target_modules=TARGETS)
+    base.update(kw)
+    return FederatedArguments(**base)
+
+
+def model_fn(context=None):
+    return make_tiny_bert(seed=0)
+
+
+def data_fn(partition_id, num_partitions, context=None):
+    return partition_dataset(make_cls_dataset(n=48, seed=1), num_partitions, "iid", seed=0)[partition_id]
+
+
+def lora(model):
+    return wrap_with_lora(model, r=8, alpha=16, dropout=0.0, target_modules=TARGETS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower stamps messages with the identity of the task that runs it; out of a run the test sets one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeGrid:
+    """Delivers the strategy's messages to FlowerParty objects in this process (no network)."""
+
+    def __init__(self, parties: dict, run_config: dict, fail=None):
+        self.parties = parties  # node id -> (FlowerParty, node_config)
+        self.run_config = run_config
+        self.fail = fail or (lambda node, msg: False)
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.parties)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.sent.append((node, m))
+            if self.fail(node, m):
+                continue  # the party went away: no reply
+            party, node_config = self.parties[node]
+            context = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=self.run_config)
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # what the SuperLink assigns
+            replies.append(party.train(m, context))
+        return replies
+
+
+def run_strategy(args, fail=None, nodes=None):
+    nodes = nodes or [1000 + 7 * i for i in range(args.num_parties)]
+    model = lora(model_fn())
+    params = [p for _, p in trainable_adapter_parameters(model)]
+    layout = LoraLayout.from_model(model)
+    strategy = ClientLevelDPStrategy(args, layout, round_timeout=5)
+    run_config = {"lora-target-modules": ",".join(TARGETS)}
+    # node i is party i: the population is sorted by node id
+    grid = FakeGrid({n: (FlowerParty(model_fn, data_fn), {"partition-id": i, "num-partitions": args.num_parties})
+                     for i, n in enumerate(nodes)}, run_config, fail)
+    from flwr.app import Array, ArrayRecord
+
+    initial = ArrayRecord({"adapter": Array(layout.flatten([p.detach() for p in params]).numpy())})
+    result = strategy.start(grid, initial)
+    final = torch.from_numpy(result.arrays["adapter"].numpy().copy())
+    return strategy, final, grid
+
+
+def run_simulation(args, fail_party_round=None):
+    full = make_cls_dataset(n=48, seed=1)
+    sim = FederatedSimulation(lora(model_fn()), full, args)
+    if fail_party_round is not None:
+        step = sim.party_step
+
+        def party_step(pid, r):
+            if (pid, r) == fail_party_round:
+                raise RuntimeError("party went away")
+            return step(pid, r)
+
+        sim.party_step = party_step
+    sim.run()
+    return sim, sim._global_flat()
+
+
+def test_run_config_gives_federated_arguments():
+    a = federated_args_from_config({"num-parties": 5, "parties-per-round": 2, "noise-multiplier": 1, "num-rounds": 3,
+                                    "lora-target-modules": "query, value", "disable-tqdm": True, "other-key": "x"},
+                                   output_dir="o")
+    assert (a.num_parties, a.sample_rate, a.noise_multiplier, a.num_rounds) == (5, 0.4, 1.0, 3)
+    assert a.lora_target_modules == ["query", "value"] and a.output_dir == "o"
+    with pytest.raises(ValueError, match="exactly one"):
+        federated_args_from_config({"num-parties": 5, "parties-per-round": 2})
+
+
+def test_strategy_equals_the_in_process_simulation(tmp_path):
+    """Poisson sampling at q = 0.5 over 4 parties, seeded noise: the same parties, the same accountant history and
+    epsilon, and the same global adapter as FederatedSimulation (one implementation of the party and server steps).
+    sampling_seed=3 samples no party in round 1 (the server draws the noise message itself), then 3."""
+    args = fed_args(tmp_path)
+    strategy, final, grid = run_strategy(args)
+    sim, expected = run_simulation(fed_args(tmp_path))
+    assert strategy.ledger.accountant.history == sim.ledger.accountant.history == [(1.0, 0.5, 2)]
+    assert [h["parties"] for h in strategy.history] == [h["parties"] for h in sim.history]
+    assert {len(h["parties"]) for h in strategy.history} != {4}  # Poisson, not everyone every round
+    # messages went only to the sampled parties' nodes
+    assert sorted((n - 1000) // 7 for n, _ in grid.sent) == sorted(p for h in sim.history for p in h["parties"])
+    for mine, theirs in zip(strategy.history, sim.history):
+        for key in ("epsilon", "epsilon_rdp", "epsilon_prv", "mu_gdp", "uplink_bytes", "epsilon_server_view"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9), key
+    assert strategy.history[-1]["epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 2)], 1 / 4, "prv"), rel=1e-9)
+    torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_party_that_goes_away_is_left_out_and_the_round_still_counts(tmp_path):
+    args = fed_args(tmp_path, parties_per_round=4, num_rounds=2)  # q = 1: everyone is sampled
+    strategy, final, _ = run_strategy(args, fail=lambda node, m: node == 1007 and m.content["config"]["round-index"] == 1)
+    sim, expected = run_simulation(fed_args(tmp_path, parties_per_round=4, num_rounds=2), fail_party_round=(1, 1))
+    assert strategy.history[1]["failed"] == [1] and strategy.history[1]["num_received"] == 3
+    assert strategy.ledger.accountant.history == [(1.0, 1.0, 2)]
+    assert strategy.history[-1]["epsilon"] == pytest.approx(sim.history[-1]["epsilon"], rel=1e-9)
+    torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_strategy_stops_at_the_budget(tmp_path):
+    args = fed_args(tmp_path, noise_multiplier=None, target_epsilon=3.0, num_rounds=4, parties_per_round=4)
+    strategy = ClientLevelDPStrategy(args, LoraLayout.from_model(lora(model_fn())))
+    sigma = strategy.ledger.noise_multiplier
+    assert compute_epsilon([(sigma, 1.0, 4)], 0.25, "prv") <= 3.0 + 1e-6
+    strategy.ledger.max_total_steps = 2  # as if the budget allowed 2 rounds
+    strategy.population = [1, 2, 3, 4]
+
+    class NoReplies:
+        def get_node_ids(self):
+            return [1, 2, 3, 4]
+
+        def send_and_receive(self, messages, timeout=None):
+            return []
+
+    from flwr.app import Array, ArrayRecord
+
+    layout = strategy.layout
+    strategy.start(NoReplies(), ArrayRecord({"adapter": Array(torch.zeros(layout.dim).numpy())}))
+    assert strategy.round == 2 and strategy.ledger.steps == 2
+    assert all(h["num_received"] == 0 and h["failed"] == [0, 1, 2, 3] for h in strategy.history)
+
+
+def _context(node_config):
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_the_party_refuses_to_send_without_noise_or_below_its_floor():
+    from flwr.app import ConfigRecord
+
+    party = FlowerParty(model_fn, data_fn, min_noise_multiplier=0.8)
+    cfg = lambda s, c=1.0: ConfigRecord({"noise-multiplier": s, "max-update-norm": c})  # noqa: E731
+    assert party._check_privacy(cfg(1.0), _context({})) == (1.0, 1.0)
+    with pytest.raises(PrivacyBudgetError, match="non-private"):
+        party._check_privacy(cfg(0.0, math.inf), _context({}))
+    with pytest.raises(PrivacyBudgetError, match="minimum"):
+        party._check_privacy(cfg(0.5), _context({}))
+    with pytest.raises(PrivacyBudgetError, match="minimum"):  # the node's own setting wins
+        party._check_privacy(cfg(1.0), _context({"min-noise-multiplier": 1.5}))
+    assert party._check_privacy(cfg(0.0, math.inf), _context({"allow-non-private": "true"})) == (0.0, math.inf)
+
+
+def test_duplicate_partition_ids_are_refused(tmp_path):
+    args = fed_args(tmp_path, num_parties=2, parties_per_round=2, num_rounds=1)
+    model = lora(model_fn())
+    strategy = ClientLevelDPStrategy(args, LoraLayout.from_model(model))
+    grid = FakeGrid({11: (FlowerParty(model_fn, data_fn), {"partition-id": 0, "num-partitions": 2}),
+                     12: (FlowerParty(model_fn, data_fn), {"partition-id": 0, "num-partitions": 2})},
+                    {"lora-target-modules": "query,value"})
+    from flwr.app import Array, ArrayRecord
+
+    params = [p for _, p in trainable_adapter_parameters(model)]
+    initial = ArrayRecord({"adapter": Array(strategy.layout.flatten([p.detach() for p in params]).numpy())})
+    with pytest.raises(PrivacyBudgetError, match="partition-id 0"):
+        strategy.start(grid, initial)
+
+
+def test_codec_auto_is_refused_on_flower(tmp_path):
+    with pytest.raises(ValueError, match="codec='auto' is not available on Flower"):
+        ClientLevelDPStrategy(fed_args(tmp_path, codec="auto"), LoraLayout.from_model(lora(model_fn())))
+
+
+# ---- a real deployment on loopback: SuperLink + 2 SuperNodes + flwr run -------------------------------------------
+
+APP = '''
+import os
+from conftest import make_cls_dataset, make_tiny_bert
+from hf_drencoder.federated import partition_dataset
+from hf_drencoder.federated.flower import FlowerParty, server_app
+
+
+def model_fn(context):
+    return make_tiny_bert(seed=0)
+
+
+def data_fn(partition_id, num_partitions, context):
+    return partition_dataset(make_cls_dataset(n=48, seed=1), num_partitions, "iid", seed=0)[partition_id]
+
+
+class DyingParty(FlowerParty):
+    """Party 1 exits in the middle of round 2 (its ClientApp process dies during fit)."""
+
+    def train(self, msg, context):
+        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["round-index"]) == 1:
+            os._exit(3)
+        return super().train(msg, context)
+
+
+server = server_app(model_fn)
+client = DyingParty(model_fn, data_fn).client_app()
+'''
+
+PYPROJECT = '''
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "drencoder-flower-test"
+version = "1.0.0"
+description = "hf-drencoder on Flower (test)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "hfdrencoder"
+
+[tool.flwr.app.components]
+serverapp = "drencoder_app:server"
+clientapp = "drencoder_app:client"
+
+[tool.flwr.app.config]
+num-parties = 2
+parties-per-round = 2
+num-rounds = 2
+local-steps = 2
+local-batch-size = 4
+local-learning-rate = 0.1
+noise-multiplier = 1.0
+target-delta = 0.001
+noise-seed = 0
+sampling-seed = 3
+seed = 0
+lora-target-modules = "query,value"
+round-timeout = 25.0
+output-dir = "{output_dir}"
+'''
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_for_port(port, procs, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a Flower process exited while starting")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def _stop_group(proc, grace=15.0):
+    """SIGTERM to the process group (the SuperLink/SuperNode and the SuperExec and apps it started), SIGKILL to
+    whatever is left after ``grace`` seconds; returns when the group is empty."""
+    def alive():
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    if alive():
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        proc.poll()  # reap the leader
+        time.sleep(0.2)
+    if alive():
+        os.killpg(proc.pid, signal.SIGKILL)
+        while alive() and time.monotonic() < deadline + 5:
+            proc.poll()
+            time.sleep(0.1)
+    proc.wait(timeout=5)
+
+
+def _bin(name):
+    return str(Path(sys.executable).parent / name)
+
+
+def test_superlink_and_two_supernodes_on_loopback(tmp_path):
+    """Flower's Deployment Engine on 127.0.0.1 without TLS: 2 rounds, party 1 dies during round 2's fit; the run
+    finishes, round 2 is counted once with party 1 left out, and epsilon and the adapter equal the in-process
+    simulation in which party 1 fails in round 2. Every process started here is stopped."""
+    out = tmp_path / "out"
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "drencoder_app.py").write_text(textwrap.dedent(APP))
+    (app / "pyproject.toml").write_text(PYPROJECT.format(output_dir=out))
+    link, node0, node1 = _free_ports(3)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+               FLWR_DISABLE_UPDATE_CHECK="1")
+    logs = {}
+    procs = []
+
+    def start(name, cmd):
+        logs[name] = open(tmp_path / f"{name}.log", "w")
+        # a new session per process: the SuperLink and SuperNodes start their own children (SuperExec, apps)
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=logs[name], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    try:
+        start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
+        _wait_for_port(link, procs)
+        for i, port in enumerate((node0, node1)):
+            start(f"supernode{i}", [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                    "--host", "127.0.0.1", "--port", str(port),
+                                    "--node-config", f"partition-id={i} num-partitions=2"])
+        run = subprocess.run([_bin("flwr"), "run", str(app), "test", "--stream"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=150)
+        report_path = out / "privacy_report.json"
+        assert report_path.exists(), f"no privacy report; flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+        report = json.loads(report_path.read_text())
+        history = json.loads((out / "federated_history.json").read_text())
+    finally:
+        for p in procs:
+            _stop_group(p)
+        for f in logs.values():
+            f.close()
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(p.pid, 0)  # nothing of its process group is left
+
+    assert report["rounds"] == 2 and report["history"] == [[1.0, 1.0, 2]]
+    assert "round 2: 1/2 parties answered, epsilon" in run.stdout + run.stderr  # logged per round, streamed by flwr
+    assert [h["num_received"] for h in history] == [2, 1] and len(history[1]["failed"]) == 1
+    assert history[0]["uplink_bytes_per_party"] == history[0]["downlink_bytes_per_party"] > 0
+
+    args = FederatedArguments(output_dir=str(tmp_path / "sim"), num_parties=2, parties_per_round=2, num_rounds=2,
+                              local_steps=2, local_batch_size=4, local_learning_rate=0.1, noise_multiplier=1.0,
+                              target_delta=1e-3, noise_seed=0, sampling_seed=3, seed=0, disable_tqdm=True, eval_every=0,
+                              lora_target_modules=TARGETS)
+    # partition 1 died in round 2 (the failed index is the server's population slot of its node, a different numbering)
+    sim, expected = run_simulation(args, fail_party_round=(1, 1))
+    assert report["epsilon"] > 0 and report["epsilon"] == pytest.approx(sim.history[-1]["epsilon"], rel=1e-9)
+    assert report["epsilon_rdp"] == pytest.approx(sim.history[-1]["epsilon_rdp"], rel=1e-9)
+    from peft import PeftModel
+
+    served = PeftModel.from_pretrained(model_fn(), str(out), is_trainable=True)  # what the ServerApp saved
+    got = LoraLayout.from_model(served).flatten([p.detach() for _, p in trainable_adapter_parameters(served)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
