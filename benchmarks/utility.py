@@ -5,8 +5,8 @@
 Central setting (sample-level DP, one party): every method is trained on the whole R8 train split at every
 epsilon and evaluated on a fixed random subset of the test split. Every run has the same number of optimizer
 steps, the same expected batch, the same seeds (seed, data_seed and noise_seed all 0: the same head
-initialisation, Poisson batches and noise draws for every method) and the same accounting (PRV, delta = 1/N, the stage-1 cost of codec='auto' inside the same
-epsilon). The learning rate is fixed per privacy regime (one for private runs, one for non-private runs) and is
+initialisation, Poisson batches and noise draws for every method) and the same accounting (PRV,
+delta = 1/N, the stage-1 cost of codec='auto' inside the same epsilon). The learning rate is fixed per privacy regime (one for private runs, one for non-private runs) and is
 the same for every method, i.e. every method gets the same tuning budget. Given two or more learning rates
 (--lr_private / --lr_nonprivate), each method is tuned instead: trained on 85% of the train split with each
 learning rate (epsilon 8 for private runs) and scored on the other 15% -- never on the test split -- with the
@@ -21,7 +21,7 @@ Methods:
 The methods listed in the configuration's codec_nonprivate also get a non-private row (epsilon inf): the codec
 alone, without noise.
 
-Federated setting (client-level DP): see ``run_federated``; it needs ``hf_drencoder.federated``.
+Federated setting (client-level DP): ``run_federated`` (100 parties, ~10 per round, Dirichlet(0.5), epsilon 8).
 
 Rows are appended to benchmarks/results/utility[_quick].json after every run, so a run that is cut off
 keeps what it measured; ``--resume`` skips the rows already there. At the end a table is printed and
@@ -64,12 +64,16 @@ FULL = dict(
     batch=256, steps=48, tune_steps=12, max_length=16, test_samples=1000, tune_eval_samples=300, schedule="constant",
     epsilons=[8.0, 1.0, 3.0], lr_grid={"private": [1e-2], "nonprivate": [1e-2]}, methods=list(METHODS),
     codec_nonprivate=["dr-default"], stats_batches=2, stats_batch=128, seed=0,
+    federated=dict(parties=100, per_round=10, alpha=0.5, epsilon=8.0, rounds=10, local_steps=5, local_batch=16,
+                   local_lr=0.05),
 )
 QUICK = dict(
     batch=32, steps=2, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, schedule="constant",
     epsilons=[8.0],
     lr_grid={"private": [2e-2], "nonprivate": [1e-2, 2e-2]}, methods=list(METHODS), codec_nonprivate=["dr-default"],
     stats_batches=2, stats_batch=32, seed=0,
+    federated=dict(parties=100, per_round=10, alpha=0.5, epsilon=8.0, rounds=2, local_steps=1, local_batch=8,
+                   local_lr=0.05),
 )
 TUNE_EPSILON = 8.0
 TUNE_FRACTION = 0.15
@@ -261,14 +265,71 @@ def run_central(cfg, results: Results, data) -> None:
              f"(uplink {row['uplink_bytes']} B, {row['train_s']} s)")
 
 
+FED_METHODS = {  # noise_space='latent' has no federated counterpart: parties noise their update, then encode it
+    "lora": dict(disable_dp=True),
+    "dp-lora": dict(),
+    "dr-paper": dict(codec="auto", codec_prior="paper"),
+    "dr-default": dict(codec="auto", codec_prior="lowrank"),
+}
+
+
 def run_federated(cfg, results: Results, data) -> None:
-    """Client-level DP: 100 parties, about 10 per round, Dirichlet(0.5) non-IID, epsilon 8, the same methods."""
+    """Client-level DP: 100 parties, about 10 per round (Poisson, q = 0.1), Dirichlet(0.5) non-IID split of the
+    train split by label, epsilon 8 (delta = 1/100), the same rounds and local settings for every method."""
     try:
-        import hf_drencoder.federated  # noqa: F401
+        from hf_drencoder.federated import FederatedArguments, FederatedSimulation
     except ImportError:
         _log("federated: hf_drencoder.federated is not available on this branch; skipped")
         return
-    raise NotImplementedError("the federated utility benchmark is not written yet")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_drencoder.embedded import minilm_path
+    from hf_drencoder.metrics import classification_compute_metrics
+
+    fed = cfg["federated"]
+    for method in [m for m in FED_METHODS if m in cfg["methods"]]:
+        eps = math.inf if FED_METHODS[method].get("disable_dp") else fed["epsilon"]
+        if results.find(setting="federated", method=method, target_epsilon=eps):
+            continue
+        _log(f"federated {method} epsilon {eps}")
+        torch.manual_seed(cfg["seed"])
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data["num_labels"])
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            kw = dict(
+                output_dir=out, num_parties=fed["parties"], parties_per_round=fed["per_round"], partition="dirichlet",
+                dirichlet_alpha=fed["alpha"], partition_seed=cfg["seed"], num_rounds=fed["rounds"],
+                local_steps=fed["local_steps"], local_batch_size=fed["local_batch"], local_learning_rate=fed["local_lr"],
+                max_update_norm=1.0, eval_every=0, seed=cfg["seed"], sampling_seed=cfg["seed"], noise_seed=cfg["seed"],
+                disable_tqdm=True, lora_r=8, lora_alpha=16, lora_target_modules=["query", "value"],
+                **FED_METHODS[method],
+            )
+            if math.isfinite(eps):
+                kw["target_epsilon"] = eps
+            sim = FederatedSimulation(model, data["train"], FederatedArguments(**kw), eval_dataset=data["test"],
+                                      compute_metrics=classification_compute_metrics())
+            history = sim.run()
+            report = sim.privacy_report()
+        last = history[-1]
+        train = [h for h in history if h.get("stage") == "train"]
+        row = dict(
+            setting="federated", split="test", method=method, epsilon=report["epsilon"], target_epsilon=eps,
+            accuracy=last["eval_accuracy"], macro_f1=last.get("eval_f1"), eval_loss=last.get("eval_loss"),
+            uplink_bytes=last["uplink_bytes_per_party"], uplink_ratio=last["uplink_bytes_per_party"] / (4 * sim.layout.dim),
+            noise_multiplier=report.get("noise_multiplier"), delta=report.get("delta"), accountant=report.get("accountant"),
+            epsilon_server_view=report.get("epsilon_server_view"), codec_prior=FED_METHODS[method].get("codec_prior"),
+            rounds=len(train), statistics_rounds=report.get("statistics_rounds"),
+            mean_parties_per_round=sum(h["num_received"] for h in train) / max(1, len(train)),
+            steps=len(train), local_steps=fed["local_steps"], local_batch=fed["local_batch"], lr=fed["local_lr"],
+            num_parties=fed["parties"], dirichlet_alpha=fed["alpha"], seed=cfg["seed"],
+            eval_examples=len(data["test"]), wall_s=round(time.perf_counter() - start, 1),
+        )
+        results.add(row)
+        _log(f"  federated {method} epsilon {row['epsilon']:.3g}: accuracy {row['accuracy']:.4f} "
+             f"(uplink {row['uplink_bytes']} B per party, {row['wall_s']} s)")
+        del sim, model
+        gc.collect()
 
 
 def print_table(rows) -> str:
