@@ -25,8 +25,8 @@ Federated setting (client-level DP): ``run_federated`` (100 parties, ~10 per rou
 
 Rows are appended to benchmarks/results/utility[_quick].json after every run, so a run that is cut off
 keeps what it measured; ``--resume`` skips the rows already there. At the end a table is printed and
-docs/utility.png (accuracy against epsilon) is drawn (not in --quick, which writes utility_quick.png in
-benchmarks/results/ instead).
+docs/utility.png (accuracy against epsilon) is drawn (not in --quick, which draws utility_quick.png in the
+temporary folder instead).
 """
 
 from __future__ import annotations
@@ -415,7 +415,7 @@ def main(argv=None):
     if a.setting in ("federated", "all"):
         run_federated(cfg, results, data)
     print_table(results.rows)
-    plot(results.rows, os.path.join(HERE, "results", "utility_quick.png") if a.quick
+    plot(results.rows, os.path.join(tempfile.gettempdir(), "utility_quick.png") if a.quick
          else os.path.join(ROOT, "docs", "utility.png"))
     _log(f"wrote {path}")
 
