@@ -147,8 +147,10 @@ def test_only_linear_codecs_are_accepted():
 
 
 def test_arguments_refuse_what_cannot_be_accounted(tmp_path):
-    with pytest.raises(ValueError, match="poisson"):
-        fed_args(tmp_path, party_sampling="fixed")
+    with pytest.raises(ValueError, match="Poisson sampling only"):
+        fed_args(tmp_path, party_sampling="fixed", codec="auto")
+    with pytest.raises(ValueError, match="whole parties_per_round"):
+        fed_args(tmp_path, party_sampling="fixed", parties_per_round=2.5)
     with pytest.raises(ValueError, match="1/num_parties"):
         fed_args(tmp_path, target_delta=0.5)
     with pytest.raises(ValueError, match="exactly one"):
@@ -215,3 +217,26 @@ def test_a_failing_party_is_left_out_and_the_round_still_counts(tmp_path):
     assert torch.equal(_adapter(ref), start)  # party steps leave the global adapter untouched
     expected = start + ref.server.aggregate_round(messages, 0)
     assert torch.allclose(_adapter(sim), expected, atol=1e-6)
+
+
+def test_fixed_size_sampling_is_accounted_without_amplification_at_sensitivity_2c(tmp_path):
+    args = fed_args(tmp_path, party_sampling="fixed", parties_per_round=2, num_rounds=3, eval_every=0, noise_multiplier=3.0)
+    sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), args)
+    history = sim.run()
+    sampled = [h["parties"] for h in history]
+    assert all(len(p) == 2 == len(set(p)) for p in sampled)  # exactly k distinct parties every round
+    # replace-one adjacency, no amplification: each round is the Gaussian mechanism with multiplier sigma / 2
+    assert sim.ledger.accountant.history == [(1.5, 1.0, 3)]
+    for acc in ("rdp", "prv", "gdp"):
+        assert sim.privacy_report()[f"epsilon_{acc}"] == pytest.approx(compute_epsilon([(1.5, 1.0, 3)], 1 / 6, acc), rel=1e-9)
+    # ... which is never less than the Poisson accounting at the same sigma and q would claim
+    assert sim.privacy_report()["epsilon_rdp"] > compute_epsilon([(3.0, 2 / 6, 3)], 1 / 6, "rdp")
+    assert sim.privacy_report()["neighbouring"] == "replace-one party" and sim.privacy_report()["sensitivity"] == 2.0
+    # a target epsilon is met with the parties' sigma twice the accountant's
+    target = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48),
+                                 fed_args(tmp_path / "t", party_sampling="fixed", parties_per_round=2, num_rounds=3,
+                                          eval_every=0, noise_multiplier=None, target_epsilon=4.0))
+    target._setup()
+    assert target.server.noise_multiplier == target.ledger.noise_multiplier
+    assert target.ledger.accounted_noise_multiplier == pytest.approx(target.ledger.noise_multiplier / 2)
+    assert compute_epsilon([(target.ledger.accounted_noise_multiplier, 1.0, 3)], 1 / 6, "prv") <= 4.0

@@ -12,6 +12,24 @@ from ..privacy.ledger import PrivacyLedger
 SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes")
 
 
+def client_level_ledger(args) -> PrivacyLedger:
+    """The client-level ledger of a federation with ``args`` (a :class:`FederatedArguments`).
+
+    Poisson party sampling: (sigma, q) per round, add/remove-one party, sensitivity C (docs/federated.md).
+    Fixed-size sampling (exactly k parties without replacement): no analysis of amplification by that sampling
+    is implemented here, so each round is accounted as the Gaussian mechanism it is without sampling (q = 1),
+    under replace-one adjacency, where replacing one party's data moves sum/sqrt(k) by at most 2C (and by at
+    most C when it fails instead): the accountant gets sigma / 2.
+    """
+    fixed = args.party_sampling == "fixed"
+    return PrivacyLedger(
+        delta=args.delta, sample_rate=1.0 if fixed else args.sample_rate, max_grad_norm=args.max_update_norm,
+        accountant_name=args.accountant, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+        unit="party", disabled=args.disable_dp, sensitivity=2.0 if fixed else 1.0,
+        neighbouring="replace-one party" if fixed else "add/remove one party",
+    )
+
+
 def public_history(history: list[dict]) -> list[dict]:
     """``history`` without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
     return [{k: v for k, v in rec.items() if k not in SERVER_ONLY_KEYS} for rec in history]
@@ -59,4 +77,4 @@ def server_view_epsilon(participation, stats_participation, sigma: float, z: flo
     return best if math.isfinite(best) else math.inf
 
 
-__all__ = ["SERVER_ONLY_KEYS", "account_codec_prior", "public_history", "server_view_epsilon"]
+__all__ = ["SERVER_ONLY_KEYS", "account_codec_prior", "client_level_ledger", "public_history", "server_view_epsilon"]

@@ -23,9 +23,11 @@ class FederatedArguments:
         target_delta: default 1 / num_parties; larger values are refused.
         max_update_norm: C, the L2 bound on each party's update (local adapter - global adapter), flat over
             all trainable LoRA tensors.
-        party_sampling: ``poisson`` (each party joins a round independently with rate q). ``fixed`` is
-            refused: sampling a fixed number of parties without replacement needs a different analysis.
-        parties_per_round: expected parties per round; q = parties_per_round / num_parties.
+        party_sampling: ``poisson`` (each party joins a round independently with rate q, the default) or
+            ``fixed`` (exactly ``parties_per_round`` parties drawn without replacement). ``fixed`` is accounted
+            without amplification by sampling, under replace-one adjacency with sensitivity 2C: each round as a
+            Gaussian mechanism with multiplier sigma / 2 at q = 1 (docs/federated.md). Much costlier in epsilon.
+        parties_per_round: parties per round (expected, with poisson); q = parties_per_round / num_parties.
 
     Each sampled party adds its own noise N(0, sigma^2 C^2 I) before anything leaves it; the server sums the
     messages it receives and divides by sqrt(number received). docs/federated.md has the argument.
@@ -38,7 +40,7 @@ class FederatedArguments:
     label_column: str | None = field(default=None, metadata={"help": "Column the Dirichlet split is made by (default: labels, else label)."})
     partition_seed: int = field(default=0, metadata={"help": "Seed of the split of the data among parties."})
     num_rounds: int = field(default=30, metadata={"help": "Training rounds planned (the noise is calibrated for them)."})
-    party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: refused (see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
+    party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: exactly parties_per_round parties, accounted without amplification (replace-one, sensitivity 2C; see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
     parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
     local_steps: int = field(default=5, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
     local_batch_size: int = field(default=16, metadata={"help": "Batch size of the local steps."})
@@ -96,15 +98,16 @@ class FederatedArguments:
             raise ValueError("num_rounds, local_steps and local_batch_size must be >= 1")
         if self.stats_rounds < 0:
             raise ValueError(f"stats_rounds must be >= 0, got {self.stats_rounds}")
-        if self.party_sampling == "fixed":
-            raise ValueError(
-                "party_sampling='fixed' is refused: a fixed number of parties drawn without replacement is a different "
-                "mechanism (replace-one adjacency, sampling without replacement) that the accountants here do not "
-                "analyse, and accounting it as Poisson would misstate epsilon. Use party_sampling='poisson' with "
-                "parties_per_round as the expected number"
-            )
         if self.party_sampling not in PARTY_SAMPLING:
-            raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: use poisson")
+            raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: choose one of {', '.join(PARTY_SAMPLING)}")
+        if self.party_sampling == "fixed":
+            if self.parties_per_round != int(self.parties_per_round):
+                raise ValueError(f"party_sampling='fixed' needs a whole parties_per_round, got {self.parties_per_round}")
+            if self.codec == "auto":
+                raise ValueError(
+                    "codec='auto' runs stage-1 statistics rounds, which are accounted for Poisson sampling only: use "
+                    "party_sampling='poisson', or a ready codec"
+                )
         if self.target_delta is not None and not (0 < self.target_delta < 1):
             raise ValueError(f"target_delta={self.target_delta} must be in (0, 1)")
         if self.disable_dp:

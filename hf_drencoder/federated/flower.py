@@ -38,8 +38,7 @@ from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task
 from ..privacy.accounting import PrivacyBudgetError
-from ..privacy.ledger import PrivacyLedger
-from .accounting import account_codec_prior, public_history, server_view_epsilon
+from .accounting import account_codec_prior, client_level_ledger, public_history, server_view_epsilon
 from .arguments import FederatedArguments
 from .party import Party, PartyMessage
 from .server import FederatedServer, party_round_randomness
@@ -237,8 +236,9 @@ class ClientLevelDPStrategy(Strategy):
     Sampling: before the first round the strategy waits until ``num_parties`` nodes are connected and fixes
     them as the population (sorted node ids; more nodes are left out with a warning). In every round each party
     of the population joins independently with probability q = parties_per_round / num_parties
-    (:meth:`FederatedServer.sample_parties`), whether it is online or not: Flower's own samplers draw a fixed
-    number of nodes, which is a different mechanism and is not used. A sampled party that does not answer within
+    (:meth:`FederatedServer.sample_parties`), whether it is online or not, or exactly ``parties_per_round`` of
+    them with ``party_sampling="fixed"`` (accounted without amplification, see :func:`.accounting.client_level_ledger`).
+    Flower's own samplers are not used. A sampled party that does not answer within
     ``round_timeout`` seconds, or answers with an error or a malformed message, is left out of the round; the
     round is counted all the same, at (sigma, q), before any message is sent.
 
@@ -257,17 +257,13 @@ class ClientLevelDPStrategy(Strategy):
         self.round_timeout = float(round_timeout)
         self.wait_for_parties_s = float(wait_for_parties_s)
         self.dp_enabled = not args.disable_dp
-        self.ledger = PrivacyLedger(
-            delta=args.delta, sample_rate=args.sample_rate, max_grad_norm=args.max_update_norm,
-            accountant_name=args.accountant, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
-            unit="party", disabled=not self.dp_enabled,
-        )
+        self.ledger = client_level_ledger(args)
         account_codec_prior(self.ledger, codec)  # before calibrating: the prior is paid from the same budget
         self.ledger.calibrate(args.num_rounds)
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(layout, args.num_parties, args.sample_rate,
                                       args.max_update_norm if self.dp_enabled else math.inf, sigma, codec,
-                                      args.sampling_seed, args.noise_seed)
+                                      args.sampling_seed, args.noise_seed, fixed_size=args.party_sampling == "fixed")
         self.population: list[int] | None = None
         self.reported_party: dict[int, int] = {}  # node id -> the partition-id it reported
         self.participation = np.zeros(args.num_parties, dtype=np.int64)
@@ -435,7 +431,7 @@ class ClientLevelDPStrategy(Strategy):
         report = self.ledger.report()
         report.update({
             "privacy_unit": "party", "num_parties": a.num_parties, "expected_parties_per_round": a.sample_rate * a.num_parties,
-            "party_sampling": "poisson (by the strategy, over the fixed population)", "max_update_norm": a.max_update_norm,
+            "party_sampling": f"{a.party_sampling} (by the strategy, over the fixed population)", "max_update_norm": a.max_update_norm,
             "rounds": self.round, "epsilon_server_view": self.server_view_epsilon(), "engine": "flower",
             "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,

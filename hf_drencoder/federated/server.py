@@ -97,12 +97,14 @@ class FederatedServer:
     """
 
     def __init__(self, layout: LoraLayout, num_parties: int, sample_rate: float, max_norm: float, noise_multiplier: float,
-                 codec=None, sampling_seed: int | None = None, noise_seed: int | None = None):
+                 codec=None, sampling_seed: int | None = None, noise_seed: int | None = None, fixed_size: bool = False):
         if not (0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.layout = layout
         self.num_parties = int(num_parties)
         self.sample_rate = float(sample_rate)
+        # fixed size: exactly round(q N) parties without replacement (accounted by client_level_ledger)
+        self.fixed_size = round(sample_rate * num_parties) if fixed_size else None
         self.max_norm = float(max_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.codec = codec
@@ -136,6 +138,8 @@ class FederatedServer:
         """Parties of round ``round_index`` (Poisson: each independently with probability q). Stage-1 rounds
         use negative indices, so they never share draws with training rounds."""
         g = torch.Generator().manual_seed(derive_seed(self.sampling_seed, round_index + 2**31))
+        if self.fixed_size is not None:
+            return sorted(torch.randperm(self.num_parties, generator=g)[: self.fixed_size].tolist())
         return torch.nonzero(torch.rand(self.num_parties, generator=g) < self.sample_rate).flatten().tolist()
 
     def _generator(self, *parts: int) -> torch.Generator:

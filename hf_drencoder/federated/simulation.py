@@ -34,7 +34,7 @@ from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
-from .accounting import account_codec_prior, public_history, server_view_epsilon
+from .accounting import account_codec_prior, client_level_ledger, public_history, server_view_epsilon
 from .arguments import FederatedArguments
 from .partition import partition_indices
 from .party import Party, PartyMessage, _model_inputs, statistics_message
@@ -122,10 +122,7 @@ class FederatedSimulation:
         if self._ready:
             return
         a = self.args
-        self.ledger = PrivacyLedger(
-            delta=a.delta, sample_rate=a.sample_rate, max_grad_norm=a.max_update_norm, accountant_name=a.accountant,
-            noise_multiplier=a.noise_multiplier, target_epsilon=a.target_epsilon, unit="party", disabled=not self.dp_enabled,
-        )
+        self.ledger = client_level_ledger(a)
         if a.resume_from_checkpoint:
             self._load_state(a.resume_from_checkpoint)
         else:
@@ -137,7 +134,7 @@ class FederatedSimulation:
             self._pretrain_codec()
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(self.layout, a.num_parties, a.sample_rate, a.max_update_norm if self.dp_enabled else math.inf,
-                                      sigma, self.codec, self.sampling_seed, a.noise_seed)
+                                      sigma, self.codec, self.sampling_seed, a.noise_seed, fixed_size=a.party_sampling == "fixed")
         self._log_privacy_parameters()
         self._ready = True
 

@@ -29,13 +29,24 @@ class PrivacyLedger:
     target_epsilon: float | None = None
     unit: str = "example"
     disabled: bool = False
+    # sensitivity of the released sum in units of max_grad_norm: 1 for add/remove-one of a clipped vector;
+    # 2 for replace-one (fixed-size sampling). The accountant is given noise_multiplier / sensitivity.
+    sensitivity: float = 1.0
+    neighbouring: str = "add/remove one"
     accountant: PrivacyAccountant = field(init=False)
     max_total_steps: int | None = field(default=None, init=False)
     prior_steps: int = field(default=0, init=False)
     _cache: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        if not (self.sensitivity >= 1.0 and math.isfinite(self.sensitivity)):
+            raise ValueError(f"sensitivity must be >= 1 (in units of max_grad_norm), got {self.sensitivity}")
         self.accountant = PrivacyAccountant(self.delta, self.accountant_name)
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """What the accountant is given: noise std over the sensitivity of the released sum."""
+        return self.noise_multiplier / self.sensitivity
 
     @property
     def steps(self) -> int:
@@ -52,12 +63,12 @@ class PrivacyLedger:
             if self.target_epsilon is None:
                 raise PrivacyBudgetError("neither target_epsilon nor noise_multiplier is set")
             remaining = max(planned_steps - self.steps, 1)
-            self.noise_multiplier = calibrate_noise_multiplier(
+            self.noise_multiplier = self.sensitivity * calibrate_noise_multiplier(
                 self.target_epsilon, self.delta, self.sample_rate, remaining, self.accountant_name, prior
             )
         if self.target_epsilon is not None:
             more = max_steps_within_budget(
-                self.target_epsilon, self.delta, self.noise_multiplier, self.sample_rate, self.accountant_name,
+                self.target_epsilon, self.delta, self.accounted_noise_multiplier, self.sample_rate, self.accountant_name,
                 prior, upper=max(planned_steps - self.steps, 1),
             )
             self.max_total_steps = self.steps + more
@@ -101,7 +112,7 @@ class PrivacyLedger:
                 f"this step would exceed target_epsilon={self.target_epsilon} (budget spent after "
                 f"{self.max_total_steps} steps); refusing to release it"
             )
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.accountant.step(self.accounted_noise_multiplier, self.sample_rate)
 
     def metrics(self) -> dict:
         """The numbers that go into every log: epsilon per accountant, mu of GDP, the mechanism's parameters."""
@@ -137,6 +148,8 @@ class PrivacyLedger:
             "steps": self.steps,
             "max_grad_norm": self.max_grad_norm,
             "privacy_unit": self.unit,
+            "neighbouring": self.neighbouring,
+            "sensitivity": self.sensitivity * self.max_grad_norm,
             "target_epsilon": self.target_epsilon,
             "dp_enabled": not self.disabled,
             "history": [list(h) for h in self.accountant.history],
@@ -151,6 +164,7 @@ class PrivacyLedger:
             "unit": self.unit,
             "disabled": self.disabled,
             "prior_steps": self.prior_steps,
+            "sensitivity": self.sensitivity,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -160,6 +174,8 @@ class PrivacyLedger:
         self.accountant = PrivacyAccountant.from_state_dict(state["accountant"])
         self.accountant.delta = self.delta
         self.accountant.accountant = self.accountant_name
+        if float(state.get("sensitivity", 1.0)) != self.sensitivity:
+            raise PrivacyBudgetError("the checkpoint was written under another sampling scheme (sensitivity); resume with the same one")
         self.prior_steps = int(state.get("prior_steps", 0))
         if state.get("noise_multiplier") is not None:
             self.noise_multiplier = float(state["noise_multiplier"])
