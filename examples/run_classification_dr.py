@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
@@ -25,32 +24,20 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, set_seed
 
 from hf_drencoder import DRTrainer, DRTrainingArguments
+from hf_drencoder.arguments import parse_args_with_defaults
+from hf_drencoder.demo import DEMO_DEFAULTS
 from hf_drencoder.embedded import load_reuters, minilm_path, tokenize_dataset
 from hf_drencoder.metrics import classification_compute_metrics
 
 logger = logging.getLogger(__name__)
 
 # The demo's settings (hf_drencoder/demo.py): about 0.80 accuracy at epsilon 8 on R8 in 90 steps of 64.
-EXAMPLE_DEFAULTS = dict(
-    output_dir="classification-dr-output",
-    do_train=True,
-    do_eval=True,
-    per_device_train_batch_size=64,
-    per_device_eval_batch_size=128,
-    max_steps=90,
-    learning_rate=2e-2,
-    warmup_steps=0,
-    weight_decay=0.0,
-    target_epsilon=8.0,
-    per_sample_max_grad_norm=1.0,
-    logging_steps=10,
-    save_strategy="no",
-    eval_strategy="no",
-    report_to="none",
-    lora_r=8,
-    lora_alpha=16,
-    seed=0,
-)
+EXAMPLE_DEFAULTS = {
+    **{k: v for k, v in DEMO_DEFAULTS.items() if k != "lora_target_modules"},  # set below for BERT-like models
+    "output_dir": "classification-dr-output",
+    "do_train": True,
+    "do_eval": True,
+}
 
 
 @dataclass
@@ -101,15 +88,8 @@ def load_data(data_args: DataArguments) -> datasets.DatasetDict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, DRTrainingArguments))
-    args = sys.argv[1:] if argv is None else argv
-    defaults = dict(EXAMPLE_DEFAULTS)
-    if "--noise_multiplier" in {a.split("=")[0] for a in args}:
-        defaults.pop("target_epsilon")  # a fixed noise multiplier replaces the default budget (not both)
-    parser.set_defaults(**defaults)
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # a --noise_multiplier replaces the default budget (not both); a single .json argument is a config file
+    model_args, data_args, training_args = parse_args_with_defaults(parser, EXAMPLE_DEFAULTS, argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)

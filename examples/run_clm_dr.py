@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from itertools import chain
@@ -43,6 +42,7 @@ from transformers import (
 )
 
 from hf_drencoder import DRTrainer, DRTrainingArguments
+from hf_drencoder.arguments import parse_args_with_defaults
 from hf_drencoder.metrics import causal_lm_compute_metrics, causal_lm_preprocess_logits
 
 logger = logging.getLogger(__name__)
@@ -173,15 +173,8 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DRTrainingArguments))
-    args = sys.argv[1:] if argv is None else argv
-    defaults = dict(EXAMPLE_DEFAULTS)
-    if "--noise_multiplier" in {a.split("=")[0] for a in args}:
-        defaults.pop("target_epsilon")  # a fixed noise multiplier replaces the default budget (not both)
-    parser.set_defaults(**defaults)
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # a --noise_multiplier replaces the default budget (not both); a single .json argument is a config file
+    model_args, data_args, training_args = parse_args_with_defaults(parser, EXAMPLE_DEFAULTS, argv)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()

@@ -184,3 +184,22 @@ class DRTrainingArguments(TrainingArguments):
         values.update(SWAP_IN_DEFAULTS)
         values.update(overrides)
         return cls(**values)
+
+
+def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = None):
+    """``parser.parse_args_into_dataclasses`` with script defaults (``parser`` is an ``HfArgumentParser`` over
+    dataclasses that include :class:`DRTrainingArguments`); a single ``.json`` argument is read as a file.
+
+    A ``--noise_multiplier`` on the command line drops a default ``target_epsilon``: the two are alternatives,
+    and a script default must not make the user's choice an error."""
+    import os
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    defaults = dict(defaults)
+    if "--noise_multiplier" in {a.split("=")[0] for a in args}:
+        defaults.pop("target_epsilon", None)
+    parser.set_defaults(**defaults)
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)

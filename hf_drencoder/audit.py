@@ -285,7 +285,22 @@ def _check_canary_args(num_canaries: int, sampling: str, observe: str, direction
         raise ValueError(f"scale must be positive and finite, got {scale}")
 
 
-class GradientCanaries:
+class _Canaries:
+    """What both kinds of white-box canaries share: m canaries, each included with probability 1/2 (drawn
+    from ``seed``), and their accumulated scores."""
+
+    def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
+                 direction: str = "random", scale: float = 1.0, seed: int = 0):
+        _check_canary_args(num_canaries, sampling, observe, direction, scale)
+        self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
+        self.direction, self.scale = direction, float(scale)
+        self._gen = torch.Generator().manual_seed(seed)
+        self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
+        self.scores = np.zeros(num_canaries)
+        self.releases = 0
+
+
+class GradientCanaries(_Canaries):
     """m gradient canaries, each included with probability 1/2 (``included``), for one DRTrainer run.
 
     Args:
@@ -301,16 +316,6 @@ class GradientCanaries:
             tests that clipping is applied (an unclipped canary leaks more than the accountant allows).
         seed: seeds the membership, the directions and the Poisson draws (not the training noise).
     """
-
-    def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
-                 direction: str = "random", scale: float = 1.0, seed: int = 0):
-        _check_canary_args(num_canaries, sampling, observe, direction, scale)
-        self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
-        self.direction, self.scale = direction, float(scale)
-        self._gen = torch.Generator().manual_seed(seed)
-        self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
-        self.scores = np.zeros(num_canaries)
-        self.releases = 0
 
     def attach(self, trainer) -> None:
         """Hook into ``trainer`` (a DRTrainer, before ``train()``)."""
@@ -607,7 +612,7 @@ class _RecordingCodec:
         return self._inner.decode(latent, *args, **kwargs)
 
 
-class FederatedCanaries:
+class FederatedCanaries(_Canaries):
     """m canary parties, each included with probability 1/2 (``included``), for one FederatedSimulation run.
 
     An included canary is a party whose update is a fixed unit direction u_i (in the flat LoRA update space,
@@ -633,13 +638,7 @@ class FederatedCanaries:
 
     def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
                  direction: str = "random", scale: float = 1.0, seed: int = 0):
-        _check_canary_args(num_canaries, sampling, observe, direction, scale)
-        self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
-        self.direction, self.scale = direction, float(scale)
-        self._gen = torch.Generator().manual_seed(seed)
-        self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
-        self.scores = np.zeros(num_canaries)
-        self.releases = 0
+        super().__init__(num_canaries, sampling, observe, direction, scale, seed)
         self._last_latent = None
 
     def attach(self, simulation) -> None:

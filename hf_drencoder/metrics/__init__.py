@@ -57,6 +57,18 @@ def load_metric(name: str, **kwargs):
     return evaluate.load(_script_path(name), **kwargs)
 
 
+def _predictions_and_labels(eval_pred):
+    """(predictions, labels) of an ``EvalPrediction`` or a tuple; models asked for hidden states or
+    attentions return them after the logits, which come first."""
+    if hasattr(eval_pred, "predictions"):
+        predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    else:
+        predictions, labels = eval_pred[0], eval_pred[1]
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    return predictions, labels
+
+
 def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
     """Build a ``compute_metrics`` function for ``transformers.Trainer``.
 
@@ -80,14 +92,7 @@ def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
     modules = {name: load_metric(name) for name in metrics}
 
     def compute_metrics(eval_pred):
-        if hasattr(eval_pred, "predictions"):
-            logits, labels = eval_pred.predictions, eval_pred.label_ids
-        else:
-            logits, labels = eval_pred[0], eval_pred[1]
-        if isinstance(logits, (tuple, list)):
-            # Models asked for hidden states or attentions return them after
-            # the logits.
-            logits = logits[0]
+        logits, labels = _predictions_and_labels(eval_pred)
         predictions = np.argmax(np.asarray(logits), axis=-1).reshape(-1)
         references = np.asarray(labels).reshape(-1)
         results = {}
@@ -136,12 +141,7 @@ def causal_lm_compute_metrics():
     module = load_metric("perplexity")
 
     def compute_metrics(eval_pred):
-        if hasattr(eval_pred, "predictions"):
-            predictions, labels = eval_pred.predictions, eval_pred.label_ids
-        else:
-            predictions, labels = eval_pred[0], eval_pred[1]
-        if isinstance(predictions, (tuple, list)):
-            predictions = predictions[0]
+        predictions, labels = _predictions_and_labels(eval_pred)
         predictions, labels = np.asarray(predictions), np.asarray(labels)
         if predictions.ndim == 3:
             return module.compute(predictions=list(predictions), references=list(labels), shift_labels=True)
