@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .privacy.accounting import ACCOUNTANTS
+from .privacy.accounting import ACCOUNTANTS, check_accountant
 from .privacy.clipping import CLIPPING_MODES
 
 NOISE_SPACES = ("gradient", "latent")
@@ -26,10 +26,17 @@ class DRTrainingArguments(TrainingArguments):
             solved for the planned number of optimizer steps and training stops before the budget is exceeded.
         target_delta: delta of the (epsilon, delta) guarantee; default 1 / len(train_dataset).
         per_sample_max_grad_norm: C, the L2 bound on each example's LoRA gradient (the sensitivity).
-        accountant: rdp | prv | gdp, used to calibrate and for the headline ``epsilon``; all three are logged.
+        accountant: prv | rdp, used to calibrate, for the budget stop and the headline ``epsilon``. GDP (an
+            approximation for q < 1, not an upper bound) is refused here and logged as information.
         poisson_sampling: sample each example independently with rate q = expected global batch / N.
         clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)).
-        noise_seed: seed of the noise generator (default: fresh OS entropy; set it only for reproducibility).
+        noise_seed: seed of the noise generator (default: fresh OS entropy; set it only for tests). It is never
+            written into saved arguments, checkpoints or the Hub.
+        max_physical_batch_size: the most rows one forward/backward pass holds; a larger Poisson draw is split
+            (memory only: the privacy step is unchanged).
+        prior_privacy_report / assume_fresh_adapter: what an adapter that was already trained has spent (the
+            ``privacy_report.json`` saved with it), or the explicit statement that its earlier training used
+            none of this data.
         disable_dp: a non-private baseline through the same code path (no clipping, no noise, epsilon = inf).
 
     DR-Encoder codec (stage 2; see docs/codec.md):
@@ -72,8 +79,9 @@ class DRTrainingArguments(TrainingArguments):
     )
     accountant: str = field(
         default="prv",
-        metadata={"help": "Accountant for calibration and the headline epsilon: rdp, prv or gdp. All three are logged.",
-                  "choices": list(ACCOUNTANTS)},
+        metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv or rdp (both upper "
+                  "bounds). Both are logged, with GDP's mu and epsilon as information (GDP is refused here: for q < 1 it "
+                  "is an approximation that can under-report).", "choices": list(ACCOUNTANTS)},
     )
     poisson_sampling: bool = field(
         default=True,
@@ -89,6 +97,23 @@ class DRTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Seed of the noise generator. Default: drawn from OS entropy. Seeded noise is reproducible "
                   "noise: use it for tests, not for a release."},
+    )
+    max_physical_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Most rows in one forward/backward pass. A Poisson micro-batch larger than this is split into "
+                  "several passes whose clipped gradients are summed into the same step (memory only; the privacy "
+                  "analysis is unchanged). Default: no cap."},
+    )
+    prior_privacy_report: str | None = field(
+        default=None,
+        metadata={"help": "The privacy_report.json (or the folder holding it) of the run that trained the adapter you "
+                  "start from. Its releases are added to this run's accountant, so epsilon covers both runs."},
+    )
+    assume_fresh_adapter: bool = field(
+        default=False,
+        metadata={"help": "Start the privacy accounting from zero although the adapter has been trained before, "
+                  "declaring that its earlier training used no row of this train_dataset (or only public data). "
+                  "Wrong use under-reports epsilon."},
     )
     disable_dp: bool = field(
         default=False,
@@ -137,8 +162,7 @@ class DRTrainingArguments(TrainingArguments):
 
     def validate_privacy(self) -> None:
         """Refuse settings under which the guarantee cannot hold or is undefined (before any training)."""
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        check_accountant(self.accountant)
         if self.clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
         if self.noise_space not in NOISE_SPACES:
@@ -151,6 +175,8 @@ class DRTrainingArguments(TrainingArguments):
             raise ValueError("codec_stats_noise_multiplier must be positive and finite (stage 1 is a private release)")
         if self.codec_stats_batches < 1:
             raise ValueError("codec_stats_batches must be >= 1")
+        if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size={self.max_physical_batch_size} must be >= 1 (or unset: no cap)")
         if self.target_delta is not None and not (0 < self.target_delta < 1):
             raise ValueError(f"target_delta={self.target_delta} must be in (0, 1); typically well below 1/N")
         if self.disable_dp:

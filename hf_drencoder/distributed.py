@@ -1,5 +1,6 @@
 """The one place where processes talk to each other (data-parallel DP): everything goes through accelerate.
 
+Before training, the processes compare a fingerprint of their training sets (``gather_from_processes``).
 The private step needs one collective: the sum over processes of each process's clipped (and, on the main
 process, noised) gradient sum. Nothing un-noised leaves the job: the sum is only ever used after the noise
 drawn by the main process is in it.
@@ -8,7 +9,7 @@ drawn by the main process is in it.
 from __future__ import annotations
 
 import torch
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast_object_list, gather_object, reduce
 
 
 def sum_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -29,4 +30,9 @@ def from_main_process(value):
     return box[0]
 
 
-__all__ = ["from_main_process", "sum_over_processes"]
+def gather_from_processes(value) -> list:
+    """``value`` from every process, in rank order, on every process."""
+    return list(gather_object([value]))
+
+
+__all__ = ["from_main_process", "gather_from_processes", "sum_over_processes"]

@@ -15,6 +15,7 @@ callbacks, the optimizer) ever sees an un-noised gradient.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -39,10 +40,21 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
 from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
 from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
+from .safeguards import (
+    HOPELESS_NOISE_RATIO,
+    PRIVACY_REPORT_NAME,
+    adapter_looks_trained,
+    dataset_fingerprint,
+    first_non_finite,
+    gradient_hook_problems,
+    load_prior_history,
+    lora_init_problems,
+    noise_to_signal_ratio,
+    split_rows,
+    trainer_option_problems,
+)
 
 logger = logging.getLogger(__name__)
-
-PRIVACY_REPORT_NAME = "privacy_report.json"
 
 
 class DRTrainer(Trainer):
@@ -74,6 +86,11 @@ class DRTrainer(Trainer):
         self._swap_in = not isinstance(args, DRTrainingArguments)
         if self._swap_in:
             args = DRTrainingArguments.from_training_arguments(args)
+        else:
+            args = copy.copy(args)  # the caller's object keeps its noise_seed
+        # The noise seed regenerates the noise and the batches: it stays in this process and is never written into
+        # training_args.bin, a checkpoint, a report_to backend or the Hub.
+        self._noise_seed, args.noise_seed = args.noise_seed, None
         if model is None:
             raise ValueError("DRTrainer needs a model")
         model = wrap_with_lora(
@@ -82,9 +99,17 @@ class DRTrainer(Trainer):
         )
         # Only adapter tensors may train: anything else would be released without clipping or noise.
         trainable_adapter_parameters(model)
+        if args.push_to_hub and self._noise_seed is not None and not args.disable_dp:
+            # checked before Trainer's __init__, which creates the Hub repository
+            raise ValueError(
+                "DRTrainer cannot guarantee privacy with these settings:\n- push_to_hub=True with a fixed noise_seed: "
+                "whoever knows the seed can regenerate the noise (and the batches) and remove it from the shared "
+                "adapter. Unset noise_seed for a run whose model leaves the machine"
+            )
         super().__init__(model, args, *trainer_args, **kwargs)
         self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
+        self._previous_ledger: PrivacyLedger | None = None
         if self.dp_enabled and self.args.world_size > 1:
             # Trainer would all-gather token counts only on processes whose first micro-batch has labels; a Poisson
             # share can be empty, and the per-example loss does not use the count
@@ -144,6 +169,8 @@ class DRTrainer(Trainer):
             problems.append("gradient_checkpointing re-runs forward hooks and breaks per-sample gradients; turn it off")
         if self.args.label_smoothing_factor:
             problems.append("label_smoothing_factor is not applied by the per-example loss; set it to 0")
+        problems += trainer_option_problems(self, DRTrainer.compute_loss)
+        problems += lora_init_problems(self.model)
         if problems:
             raise ValueError("DRTrainer cannot guarantee privacy with these settings:\n- " + "\n- ".join(problems))
 
@@ -197,8 +224,8 @@ class DRTrainer(Trainer):
         if not self.dp_enabled:
             return self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if getattr(self, "_secret_sampling_seed", None) is None:
-            if self.args.noise_seed is not None:
-                seed = (self.args.noise_seed * 1_000_033 + 7) % (2**62)
+            if self._noise_seed is not None:
+                seed = (self._noise_seed * 1_000_033 + 7) % (2**62)
             else:
                 seed = secrets.randbits(62)
             self._secret_sampling_seed = from_main_process(seed) if self.args.world_size > 1 else seed
@@ -254,7 +281,13 @@ class DRTrainer(Trainer):
             raise ValueError("DRTrainer.train() needs a train_dataset")
         n = self._check_train_dataset()
         planned = self.planned_optimizer_steps()
+        if planned < 1:
+            raise ValueError(
+                f"0 optimizer steps planned (num_train_epochs={self.args.num_train_epochs}, max_steps="
+                f"{self.args.max_steps}): set max_steps or num_train_epochs so that at least one step runs"
+            )
         self._secret_sampling_seed = None  # every run draws its own (secret) batches
+        previous = self.ledger
         self.ledger = PrivacyLedger(
             delta=self.target_delta(n),
             sample_rate=self.expected_batch_size / n,
@@ -273,8 +306,13 @@ class DRTrainer(Trainer):
             self.ledger.load_state_dict(load_privacy_state(resume_from_checkpoint)["ledger"])
             with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
                 resumed_step = json.load(f).get("global_step", 0)
+        else:
+            self._carry_earlier_releases(previous)
+        if self.dp_enabled and self.args.world_size > 1:
+            self._check_same_rows_on_every_process()
         stage1 = self._setup_codec(resume_from_checkpoint, n)
         self.ledger.calibrate(planned)
+        self._warn_if_noise_is_hopeless(planned)
         if stage1 is not None:
             self._pretrain_codec(stage1)
         self._install_privacy_callback(planned)
@@ -284,6 +322,69 @@ class DRTrainer(Trainer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._stop_mechanism()
+
+    def _carry_earlier_releases(self, previous: PrivacyLedger | None) -> None:
+        """An adapter that was trained before carries what that cost: a second ``train()`` of this trainer adds
+        the first run's history; an adapter from elsewhere needs its saved report, or an explicit fresh start."""
+        if not self.dp_enabled:
+            return
+        if previous is not None and not previous.disabled and previous.accountant.history:
+            self.ledger.record_prior_releases(previous.accountant.history, source="an earlier train() of this trainer")
+            logger.warning(
+                "DRTrainer: this trainer has trained the adapter before (%d releases, epsilon %.4g): they are added to "
+                "this run's accountant, so the reported epsilon covers every run that shaped the adapter.",
+                previous.accountant.steps, previous.metrics()["epsilon"],
+            )
+            return
+        if self.args.prior_privacy_report:
+            history = load_prior_history(self.args.prior_privacy_report)
+            self.ledger.record_prior_releases(history, source=f"prior_privacy_report={self.args.prior_privacy_report}")
+            logger.warning(
+                "DRTrainer: added the %d releases recorded in %s (the adapter's earlier training) to this run's "
+                "accountant.", sum(t for _, _, t in history), self.args.prior_privacy_report,
+            )
+            return
+        if self.args.assume_fresh_adapter:
+            logger.warning(
+                "DRTrainer: assume_fresh_adapter=True: privacy accounting starts from zero; the adapter's earlier "
+                "training (if any) is declared to have used none of this data."
+            )
+            return
+        if adapter_looks_trained(self.model):
+            raise PrivacyBudgetError(
+                "the adapter has been trained before (its LoRA B matrices are not zero) and no privacy history comes "
+                "with it, so epsilon would count only this run. Pass prior_privacy_report=<the folder it was saved "
+                "in, holding privacy_report.json, or a checkpoint> to add what it spent, or assume_fresh_adapter=True "
+                "if its earlier training used no row of this train_dataset"
+            )
+
+    def _check_same_rows_on_every_process(self) -> None:
+        """Every process draws the same Poisson indices and keeps its share: that is one sample of the dataset
+        only if every process holds the same rows in the same order."""
+        from .distributed import gather_from_processes
+
+        prints = gather_from_processes(dataset_fingerprint(self.train_dataset))
+        if len(set(prints)) > 1:
+            raise ValueError(
+                "the processes of this job hold different training sets (length or rows differ: "
+                f"{', '.join(p.split(':')[0] + ' rows' for p in prints)}). Each process must load the same dataset in "
+                "the same order (no per-process shuffle or shard before DRTrainer): DRTrainer draws one Poisson batch "
+                "of indices and gives each process its share"
+            )
+
+    def _warn_if_noise_is_hopeless(self, planned: int) -> None:
+        if not self.dp_enabled or not self.ledger.noise_multiplier:
+            return
+        dim = sum(p.numel() for _, p in trainable_adapter_parameters(self.model))
+        ratio = noise_to_signal_ratio(self.ledger.noise_multiplier, dim, self.expected_batch_size, planned)
+        if ratio > HOPELESS_NOISE_RATIO:
+            logger.warning(
+                "DRTrainer: the noise will bury the signal: noise multiplier %.4g on %d adapter values with expected "
+                "batch %d over %d steps gives a noise-to-signal ratio of %.3g (above %g, training is unlikely to learn; "
+                "the default demo runs at about 0.5). Raise target_epsilon, use a larger expected batch, or adapt "
+                "fewer parameters.", self.ledger.noise_multiplier, dim, self.expected_batch_size, planned, ratio,
+                HOPELESS_NOISE_RATIO,
+            )
 
     # ---- the DR-Encoder codec ----
 
@@ -365,7 +466,7 @@ class DRTrainer(Trainer):
             return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(rows).items()}
 
         batch = self.args.codec_stats_batch_size or min(256, n)
-        seed = None if self.args.noise_seed is None else self.args.noise_seed + 17
+        seed = None if self._noise_seed is None else self._noise_seed + 17
         logger.warning(
             "DRTrainer: codec='auto', stage 1: releasing gradient statistics of %d Poisson batches of expected size %d "
             "(noise multiplier %g); the cost is added to this run's accountant.",
@@ -439,7 +540,7 @@ class DRTrainer(Trainer):
 
     def _start_mechanism(self, resumed_step: int) -> None:
         params = [p for _, p in trainable_adapter_parameters(self.model)]
-        seed = self.args.noise_seed
+        seed = self._noise_seed
         if seed is not None:
             # A resumed, seeded run draws fresh noise for the steps it has not taken (never replays old draws).
             seed = seed + 1_000_003 * resumed_step
@@ -479,6 +580,7 @@ class DRTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        self._check_before_step()
         loss = torch.zeros((), device=self.args.device)
         if EMPTY_BATCH_KEY not in inputs:
             inputs = self._prepare_inputs(inputs)
@@ -486,18 +588,48 @@ class DRTrainer(Trainer):
                 # the hooked modules themselves, not DDP: its forward/backward collectives would wait for processes
                 # whose Poisson share is empty; the one collective of a step is the noised sum in the release
                 model = self.accelerator.unwrap_model(model)
-            with self.compute_loss_context_manager(), self.accelerator.autocast():
-                losses = self.per_sample_losses(model, inputs)
-            with warnings.catch_warnings():
-                # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                losses.sum().backward()
-            self._collect_gradients(losses.shape[0])
+            cap = self.args.max_physical_batch_size
+            for piece in split_rows(inputs, cap) if cap else [inputs]:
+                # a Poisson draw larger than the cap runs as several passes summed into the same step: memory only
+                loss = loss + self._backward_per_example(model, piece)
             # Trainer averages the logged loss over processes: each reports its share times the number of processes
-            loss = losses.detach().float().sum() * self.args.world_size / self.expected_batch_size
+            loss = loss * self.args.world_size / self.expected_batch_size
         if self.accelerator.sync_gradients:
             self._release_private_gradient()
         return loss
+
+    def _backward_per_example(self, model, inputs) -> torch.Tensor:
+        """Forward, backward and clipping of one physical batch; returns the sum of its losses."""
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            losses = self.per_sample_losses(model, inputs)
+        if self.args.world_size == 1 and first_non_finite([losses.detach()]) is not None:
+            # (several processes: the release check below stops every process together instead)
+            raise FloatingPointError(
+                f"step {self.state.global_step + 1}: an example's loss is not finite (NaN or inf). Check the inputs "
+                "and labels (e.g. a row whose labels are all -100 in a custom loss), the learning rate, and bf16 overflow"
+            )
+        with warnings.catch_warnings():
+            # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        self._collect_gradients(losses.shape[0])
+        return losses.detach().float().sum()
+
+    def _check_before_step(self) -> None:
+        """Before touching the step's data: nothing may act on a raw gradient during backward, and the adapter
+        must still be finite (a non-finite adapter trains on silently and is shared as if it were a model)."""
+        problems = gradient_hook_problems(self._params)
+        if problems:
+            raise ValueError("DRTrainer cannot guarantee privacy: " + problems[0])
+        if first_non_finite([p.detach() for p in self._params]) is not None:
+            raise FloatingPointError(
+                f"the adapter is not finite after step {self.state.global_step}: lower the learning rate, check "
+                "warmup and weight decay, or use fp32 instead of bf16"
+            )
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # The per-example loss does not use Trainer's token count, and an empty Poisson micro-batch has no labels.
+        return None
 
     @property
     def _latent_noise(self) -> bool:
@@ -534,6 +666,12 @@ class DRTrainer(Trainer):
             grads = self.codec.roundtrip(grads, noise_std=self.codec_noise_std)
         for hook in self.post_privacy_hooks:
             grads = hook(grads)  # post-processing of an already private gradient: costs no privacy
+        if first_non_finite(grads) is not None:
+            # the step is already counted: epsilon covers it, and the non-finite release is never applied
+            raise FloatingPointError(
+                f"step {self.state.global_step + 1}: the released gradient is not finite (NaN or inf); it was not "
+                "applied. Check the inputs and labels, the learning rate, and bf16 overflow"
+            )
         for p, g in zip(self._params, grads):
             p.grad = g.to(p.dtype)
 
@@ -556,12 +694,25 @@ class DRTrainer(Trainer):
         report["uplink_bytes"] = self.uplink_bytes
         report["uplink_ratio"] = self.uplink_ratio
         report["noise_space"] = self.args.noise_space if self.codec is not None else None
+        report["noise_seeded"] = self._noise_seed is not None
         if self.codec is not None:
             report["codec_latent_ratio"] = self.codec.latent_ratio
             report["codec_latent_dim"] = self.codec.latent_dim
             report["codec_prior"] = self.codec.prior_kind
             report["codec_stage1_privacy"] = self.codec.stage1_privacy
         return report
+
+    def push_to_hub(self, *args, allow_seeded_noise: bool = False, **kwargs):
+        """Trainer's ``push_to_hub`` (adapter, codec, card, privacy report). A model trained with a fixed
+        ``noise_seed`` is refused: whoever knows the seed can regenerate the noise and the batches and remove the
+        noise from the adapter. ``allow_seeded_noise=True`` pushes it anyway (for a test repository only)."""
+        if self.dp_enabled and self._noise_seed is not None and not allow_seeded_noise:
+            raise PrivacyBudgetError(
+                "this model was trained with a fixed noise_seed, so its noise can be regenerated and removed: it must "
+                "not be shared. Train again without noise_seed (fresh OS entropy) to push it, or pass "
+                "allow_seeded_noise=True if the repository is a test"
+            )
+        return super().push_to_hub(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Trainer's save (the adapter), then ``privacy_report.json``, the model card ``README.md`` carrying the

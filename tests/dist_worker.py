@@ -56,5 +56,16 @@ if __name__ == "__main__":
 
     out, per_device = Path(sys.argv[1]), int(sys.argv[2])
     result = {"zero": run(out / "zero", per_device, True), "train": run(out / "train", per_device, False)}
+    # the same rows in another order on rank 1: one Poisson draw of indices would select different examples
+    data = make_lm_dataset(n=64)
+    if int(os.environ.get("RANK", "0")) == 1:
+        data = data.shuffle(seed=1)
+    try:
+        DRTrainer(model=make_tiny_llama(), args=dr_args(out / "mismatch", per_device_train_batch_size=per_device,
+                                                         use_cpu=not torch.cuda.is_available()),
+                  train_dataset=data).train()
+        result["mismatch_error"] = None
+    except ValueError as err:
+        result["mismatch_error"] = str(err)
     rank = int(os.environ.get("RANK", "0"))
     torch.save(result, out / f"rank{rank}.pt")

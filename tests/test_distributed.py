@@ -78,6 +78,12 @@ def test_epsilon_equals_the_single_process_run(two_ranks, tmp_path):
     assert r0["train"]["epsilon"]["epsilon_rdp"] == pytest.approx(compute_epsilon([(SIGMA, q, 4)], 1 / N, "rdp"))
 
 
+def test_processes_holding_different_rows_are_refused(two_ranks):
+    # one rank's copy shuffled: without the check, steps would use some rows twice (sensitivity 2C)
+    for rank in two_ranks:
+        assert rank["mismatch_error"] is not None and "same dataset in the same order" in rank["mismatch_error"]
+
+
 def test_a_launch_the_arguments_do_not_see_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="use_cpu=True"):

@@ -2,8 +2,12 @@
 
 Every release that touches private data (stage-1 statistics, each stage-2 optimizer step, each federated
 round) is recorded as ``(noise_multiplier, sample_rate, num_steps)``. The same history is handed to the
-RDP and PRV accountants of opacus and to a GDP computation, so the three reported values always describe
+RDP and PRV accountants of opacus and to opacus' GDP functions, so the three reported values always describe
 the same sequence of mechanisms: nothing can be counted by one accountant and forgotten by another.
+
+Only upper bounds calibrate the noise, stop a run and give the headline ``epsilon``: RDP and PRV
+(``ACCOUNTANTS``). GDP's central-limit approximation for q < 1 is not an upper bound (the noise it would
+pick costs up to 4.8x the target for few steps), so it is reported as information only.
 """
 
 from __future__ import annotations
@@ -12,7 +16,17 @@ import functools
 import math
 from typing import Iterable
 
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+# Accountants that give an upper bound on epsilon: the only ones that may calibrate, stop or headline a run.
+ACCOUNTANTS = ("rdp", "prv")
+# Every accountant ``compute_epsilon`` can evaluate; "gdp" is information (an approximation for q < 1).
+REPORTED_ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+GDP_REFUSAL = (
+    "accountant='gdp' cannot calibrate the noise, stop the run or give the headline epsilon: for Poisson "
+    "subsampling (q < 1) GDP is a central-limit approximation, not an upper bound (the noise it picks can cost "
+    "several times the target epsilon). Use accountant='prv' (default) or 'rdp'; mu_gdp and epsilon_gdp are "
+    "still logged as information"
+)
 
 # Orders for RDP: opacus' defaults stop at 63, where small noise multipliers find their optimum at the edge
 # (a valid but loose bound); extending the grid only tightens it.
@@ -20,6 +34,10 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 
 
 # Below this noise multiplier the PRV accountant is not evaluated (its grid cannot be built) and reports inf.
 _PRV_MIN_NOISE_MULTIPLIER = 0.02
+
+# PRV discretises the privacy loss on a grid whose size grows with the number of releases and the loss's range;
+# above this many points (a few hundred MB across the FFT buffers) it falls back to RDP, also an upper bound.
+_PRV_MAX_GRID_POINTS = 4_000_000
 
 # sigma above this is treated as "calibration failed": the budget cannot be met with the planned steps.
 _MAX_NOISE_MULTIPLIER = 1e4
@@ -46,13 +64,15 @@ def _validate_history(history: Iterable[tuple[float, float, int]]) -> list[tuple
 
 
 def gdp_mu(history: Iterable[tuple[float, float, int]]) -> float:
-    """mu of the composition under Gaussian DP.
+    """mu of the composition under Gaussian DP (information only: never used to calibrate or stop).
 
     For full batches (q = 1) T steps of noise multiplier sigma are exactly mu = sqrt(T) / sigma. For Poisson
-    subsampling (q < 1) only the central-limit approximation of Bu et al. (2020) is known,
-    mu = q sqrt(T (exp(1 / sigma^2) - 1)); it under-estimates epsilon for few steps, which is why it is never
-    reported alone. Independent mu-GDP mechanisms compose as sqrt(sum mu_i^2).
+    subsampling (q < 1) only the central-limit approximation of Bu et al. (2020) is known (opacus'
+    ``compute_mu_poisson``); it under-estimates epsilon for few steps. Independent mu-GDP mechanisms compose
+    as sqrt(sum mu_i^2).
     """
+    from opacus.accountants.analysis.gdp import compute_mu_poisson
+
     total = 0.0
     for sigma, q, steps in _validate_history(history):
         if q >= 1.0:
@@ -60,35 +80,26 @@ def gdp_mu(history: Iterable[tuple[float, float, int]]) -> float:
         else:
             if sigma**-2 > 700:  # exp overflows: no meaningful privacy is left
                 return math.inf
-            mu = q * math.sqrt(steps * math.expm1(sigma**-2))
+            mu = float(compute_mu_poisson(steps=steps, noise_multiplier=sigma, sample_rate=q))
         total += mu * mu
     return math.sqrt(total)
 
 
-def _gdp_delta(eps: float, mu: float) -> float:
-    """delta(eps) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), with the product taken in log
-    space so that large mu (a weak guarantee) does not overflow."""
-    from scipy.stats import norm
-
-    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
-
-
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """epsilon at ``delta`` of a mu-GDP mechanism (Dong, Roth and Su 2019, Corollary 2.13)."""
+    """epsilon at ``delta`` of a mu-GDP mechanism (Dong, Roth and Su 2019, Corollary 2.13), by opacus'
+    ``eps_from_mu``; infinity where that search cannot bracket it (epsilon above 500: no useful guarantee)."""
     if mu <= 0:
         return 0.0
     if not math.isfinite(mu):
         return math.inf
-    from scipy.optimize import brentq
+    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
 
-    if _gdp_delta(0.0, mu) <= delta:
+    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
         return 0.0
-    hi = max(1.0, mu * mu)
-    while _gdp_delta(hi, mu) > delta:
-        hi *= 2
-        if hi > 1e12:
-            return math.inf
-    return float(brentq(lambda e: _gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
+    try:
+        return float(eps_from_mu(mu=mu, delta=delta))
+    except (ValueError, OverflowError, FloatingPointError):
+        return math.inf
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,8 +116,8 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
 
     An empty history is 0. The PRV value is opacus' upper bound (``eps_upper``), never the estimate.
     """
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if accountant not in REPORTED_ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(REPORTED_ACCOUNTANTS)}")
     if not (0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     history = _validate_history(history)
@@ -128,6 +139,10 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
         # PRV's grid explodes for tiny noise (it returns inf at 0.01 and exhausts memory below): report
         # infinity without trying; such a release bounds nothing useful anyway (RDP gives thousands).
         return math.inf
+    if _prv_grid_points(history, delta) > _PRV_MAX_GRID_POINTS:
+        # The grid would not fit in memory (e.g. sigma 0.5, q 1, 10,000 steps needs tens of GB): RDP is also an
+        # upper bound, only looser, and is cheap for any history.
+        return compute_epsilon(history, delta, "rdp")
     try:
         # PRV's discretisation can return a tiny negative number for very weak releases; epsilon is >= 0
         return max(0.0, float(acc.get_epsilon(delta=delta)))
@@ -135,6 +150,24 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
         # For very small noise multipliers (< ~0.01) PRV's grid cannot be built. Report infinity: an
         # accountant that cannot bound the loss must never be read as a small epsilon.
         return math.inf
+
+
+def _prv_grid_points(history, delta: float, eps_error: float = 0.01) -> float:
+    """Number of points of the grid opacus' PRV accountant would build for ``history`` (its own domain rule,
+    evaluated without building anything), so that a history too large for memory is never attempted."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    delta_error = delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    counts = [steps for _, _, steps in history]
+    try:
+        half_width = compute_safe_domain_size(
+            prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error
+        )
+    except (ValueError, OverflowError, FloatingPointError):
+        return math.inf
+    mesh = eps_error / math.sqrt(sum(counts) * math.log(12 / delta_error) / 2)
+    return 2 * float(half_width) / mesh
 
 
 class PrivacyAccountant:
@@ -145,8 +178,7 @@ class PrivacyAccountant:
     """
 
     def __init__(self, delta: float, accountant: str = "prv", history=None):
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        check_accountant(accountant)
         self.delta = float(delta)
         self.accountant = accountant
         self.history: list[tuple[float, float, int]] = []
@@ -192,6 +224,14 @@ class PrivacyAccountant:
         return cls(delta=state["delta"], accountant=state["accountant"], history=[tuple(h) for h in state["history"]])
 
 
+def check_accountant(accountant: str) -> None:
+    """Refuse an accountant that is not an upper bound (GDP) or unknown, with the fix."""
+    if accountant == "gdp":
+        raise ValueError(GDP_REFUSAL)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -208,6 +248,7 @@ def calibrate_noise_multiplier(
     that an earlier release (stage-1 statistics) is paid for out of the same budget. Raises
     :class:`PrivacyBudgetError` when no sigma can do it.
     """
+    check_accountant(accountant)
     if target_epsilon <= 0:
         raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}")
     if steps < 1:
@@ -258,6 +299,7 @@ def max_steps_within_budget(
 ) -> int:
     """Largest number of further releases at (noise_multiplier, sample_rate) whose total stays within
     ``target_epsilon``: the step at which a budget-limited run must stop. Capped at ``upper`` if given."""
+    check_accountant(accountant)
     prior = list(prior_history)
 
     def ok(t):
@@ -284,9 +326,11 @@ def max_steps_within_budget(
 
 __all__ = [
     "ACCOUNTANTS",
+    "REPORTED_ACCOUNTANTS",
     "PrivacyAccountant",
     "PrivacyBudgetError",
     "calibrate_noise_multiplier",
+    "check_accountant",
     "compute_epsilon",
     "gdp_epsilon",
     "gdp_mu",

@@ -168,14 +168,34 @@ class PrivacyLedger:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what a checkpoint spent. The history is taken as is: it can only make epsilon larger."""
+        """Restore what a checkpoint spent. The history is taken as is: it can only make epsilon larger.
+
+        The remaining steps are released by the checkpoint's mechanism: a resume that asks for another noise
+        multiplier, clipping norm or sampling rate (expected batch or dataset size) is refused rather than
+        silently keeping the checkpoint's values."""
         if bool(state.get("disabled")) != self.disabled:
             raise PrivacyBudgetError("the checkpoint was written with a different disable_dp setting")
+        if float(state.get("sensitivity", 1.0)) != self.sensitivity:
+            raise PrivacyBudgetError("the checkpoint was written under another sampling scheme (sensitivity); resume with the same one")
+        if not self.disabled:
+            saved = {"per_sample_max_grad_norm": state.get("max_grad_norm"), "sample rate": state.get("sample_rate")}
+            asked = {"per_sample_max_grad_norm": self.max_grad_norm, "sample rate": self.sample_rate}
+            if self.noise_multiplier is not None:
+                saved["noise_multiplier"], asked["noise_multiplier"] = state.get("noise_multiplier"), self.noise_multiplier
+            changed = [
+                f"{k} {saved[k]:.6g} -> {asked[k]:.6g}" for k in saved
+                if saved[k] is not None and not math.isclose(float(saved[k]), float(asked[k]), rel_tol=1e-9)
+            ]
+            if changed:
+                raise PrivacyBudgetError(
+                    "resuming with another mechanism than the checkpoint's (" + "; ".join(changed) + "). The sample rate "
+                    "is expected batch (per_device_train_batch_size x gradient_accumulation_steps x processes) / "
+                    "dataset size. Resume with the checkpoint's settings, or start a new run from the checkpoint's "
+                    "adapter with prior_privacy_report pointing at it"
+                )
         self.accountant = PrivacyAccountant.from_state_dict(state["accountant"])
         self.accountant.delta = self.delta
         self.accountant.accountant = self.accountant_name
-        if float(state.get("sensitivity", 1.0)) != self.sensitivity:
-            raise PrivacyBudgetError("the checkpoint was written under another sampling scheme (sensitivity); resume with the same one")
         self.prior_steps = int(state.get("prior_steps", 0))
         if state.get("noise_multiplier") is not None:
             self.noise_multiplier = float(state["noise_multiplier"])
