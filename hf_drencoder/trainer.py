@@ -35,6 +35,7 @@ from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
+from .privacy.coupling import check_example_independence, check_up_front, probe_rows
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
 from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
@@ -85,6 +86,8 @@ class DRTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **kwargs)
         self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
+        if self.dp_enabled:
+            check_up_front(self.model, self.data_collator, self.args)  # BatchNorm, flattening collators, packing
         if self.dp_enabled and self.args.world_size > 1:
             # Trainer would all-gather token counts only on processes whose first micro-batch has labels; a Poisson
             # share can be empty, and the per-example loss does not use the count
@@ -273,6 +276,8 @@ class DRTrainer(Trainer):
             self.ledger.load_state_dict(load_privacy_state(resume_from_checkpoint)["ledger"])
             with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
                 resumed_step = json.load(f).get("global_step", 0)
+        if self.dp_enabled:
+            self._check_example_independence()  # before codec stage 1 and the mechanism: no noise drawn, no hooks yet
         stage1 = self._setup_codec(resume_from_checkpoint, n)
         self.ledger.calibrate(planned)
         if stage1 is not None:
@@ -284,6 +289,27 @@ class DRTrainer(Trainer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._stop_mechanism()
+
+    def _check_example_independence(self) -> None:
+        """Refuse examples that influence each other's loss (see privacy/coupling.py): a few real rows, collated as
+        ``get_train_dataloader`` does, must keep their per-example losses when one row leaves the batch."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if is_datasets_available():
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+        check_up_front(self.model, collator, self.args)
+        if self._hooks is not None:
+            raise RuntimeError("the example-independence check must run before opacus hooks are attached")
+        rows = [dataset[i] for i in probe_rows(dataset)]
+        with torch.random.fork_rng(devices=[]):  # a model with random layers must not move the training RNG
+            check_example_independence(
+                rows, collator, lambda batch: self.per_sample_losses(self.model, self._prepare_inputs(batch)),
+                self.model, task=self.task, collator_name=f"the data collator {type(self.data_collator).__name__}",
+            )
 
     # ---- the DR-Encoder codec ----
 
