@@ -232,8 +232,17 @@ def test_left_padding_is_refused_for_causal_lm_even_with_rotary_positions(tmp_pa
         model=make_tiny_llama(), args=dr_args(tmp_path), train_dataset=unpadded_lm_rows(),
         data_collator=lm_collator("left"),
     )
-    with pytest.raises(ExampleCouplingError, match="left-padded: the causal-LM loss"):
+    with pytest.raises(ExampleCouplingError, match="left-padded to its longest row: the causal-LM loss"):
         trainer.train()
+
+
+def test_left_padding_to_a_fixed_length_passes_for_causal_lm(tmp_path):
+    """Padded to max_length when tokenized: a row's padding does not depend on the other rows."""
+    tok = make_tokenizer("left")
+    ds = unpadded_lm_rows().map(lambda r: tok.pad({"input_ids": r["input_ids"]}, padding="max_length", max_length=16))
+    ds = ds.map(lambda r: {"labels": [t if m else -100 for t, m in zip(r["input_ids"], r["attention_mask"])]})
+    assert ds[0]["attention_mask"][0] == 0  # left-padded
+    DRTrainer(model=make_tiny_llama(), args=dr_args(tmp_path, max_steps=1), train_dataset=ds).train()
 
 
 def test_left_padded_causal_lm_losses_really_depend_on_the_batch():

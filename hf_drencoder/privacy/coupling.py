@@ -228,6 +228,14 @@ def probe_rows(dataset, max_rows: int = 8, pool: int = 64) -> list[int]:
     return chosen[:max_rows]
 
 
+def _padded_length(batch) -> int | None:
+    for key in ("attention_mask", "input_ids"):
+        value = batch.get(key) if isinstance(batch, Mapping) else None
+        if torch.is_tensor(value) and value.dim() >= 2:
+            return value.shape[-1]
+    return None
+
+
 def _tolerance(model: torch.nn.Module) -> tuple[float, float]:
     """(rtol, atol): :data:`RTOL` / :data:`ATOL` for fp32 weights; weights stored in 16-bit floats round their
     activations at their own epsilon (the loss is then computed in fp32 from those logits), so 2 eps of that type."""
@@ -269,11 +277,14 @@ def check_example_independence(
     full_batch = collate(rows)
     problems = packed_batch_problems(full_batch)
     left = is_left_padded(full_batch)
-    if left and task == "causal_lm":
+    shortest = min(range(1, len(rows)), key=lambda i: _row_length(rows[i]))
+    if left and task == "causal_lm" and _padded_length(collate([rows[shortest]])) != _padded_length(full_batch):
+        # padding to the batch's longest row (not to a fixed length): a row's padding depends on the others
         problems.append(
-            "the batch is left-padded: the causal-LM loss then predicts each row's first token from a padding "
-            "position, whose output depends on how much padding the longest row of the batch adds (and with "
-            "absolute position embeddings every position shifts with it); use tokenizer.padding_side='right'"
+            "the batch is left-padded to its longest row: the causal-LM loss then predicts each row's first token "
+            "from a padding position, whose output depends on how much padding the longest row of the batch adds "
+            "(and with absolute position embeddings every position shifts with it); use "
+            "tokenizer.padding_side='right'"
         )
     _raise(problems)
 
@@ -296,7 +307,6 @@ def check_example_independence(
                     f"one example per row, so examples are not clipped separately; {_PAD_EACH}"
                 )
             worst_abs, worst_rel, culprit = 0.0, 0.0, None
-            shortest = min(range(1, len(rows)), key=lambda i: _row_length(rows[i]))
             for removed in (0, shortest):
                 kept = [i for i in range(len(rows)) if i != removed]
                 sub = losses(collate([rows[i] for i in kept]))
