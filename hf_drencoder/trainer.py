@@ -36,6 +36,7 @@ from .callbacks import CODEC_DIR, PrivacyCallback, load_privacy_state
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import infer_task, per_sample_losses
 from .privacy.accounting import PrivacyBudgetError
+from .privacy.coupling import check_example_independence, check_up_front, probe_rows
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
 from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
@@ -109,7 +110,8 @@ class DRTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **kwargs)
         self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
-        self._previous_ledger: PrivacyLedger | None = None
+        if self.dp_enabled:
+            check_up_front(self.model, self.data_collator, self.args)  # BatchNorm, flattening collators, packing
         if self.dp_enabled and self.args.world_size > 1:
             # Trainer would all-gather token counts only on processes whose first micro-batch has labels; a Poisson
             # share can be empty, and the per-example loss does not use the count
@@ -310,6 +312,8 @@ class DRTrainer(Trainer):
             self._carry_earlier_releases(previous)
         if self.dp_enabled and self.args.world_size > 1:
             self._check_same_rows_on_every_process()
+        if self.dp_enabled:
+            self._check_example_independence()  # before codec stage 1 and the mechanism: no noise drawn, no hooks yet
         stage1 = self._setup_codec(resume_from_checkpoint, n)
         self.ledger.calibrate(planned)
         self._warn_if_noise_is_hopeless(planned)
@@ -384,6 +388,27 @@ class DRTrainer(Trainer):
                 "the default demo runs at about 0.5). Raise target_epsilon, use a larger expected batch, or adapt "
                 "fewer parameters.", self.ledger.noise_multiplier, dim, self.expected_batch_size, planned, ratio,
                 HOPELESS_NOISE_RATIO,
+            )
+
+    def _check_example_independence(self) -> None:
+        """Refuse examples that influence each other's loss (see privacy/coupling.py): a few real rows, collated as
+        ``get_train_dataloader`` does, must keep their per-example losses when one row leaves the batch."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if is_datasets_available():
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+        check_up_front(self.model, collator, self.args)
+        if self._hooks is not None:
+            raise RuntimeError("the example-independence check must run before opacus hooks are attached")
+        rows = [dataset[i] for i in probe_rows(dataset)]
+        with torch.random.fork_rng(devices=[]):  # a model with random layers must not move the training RNG
+            check_example_independence(
+                rows, collator, lambda batch: self.per_sample_losses(self.model, self._prepare_inputs(batch)),
+                self.model, task=self.task, collator_name=f"the data collator {type(self.data_collator).__name__}",
             )
 
     # ---- the DR-Encoder codec ----
