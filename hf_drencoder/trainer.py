@@ -385,7 +385,7 @@ class DRTrainer(Trainer):
             logger.warning(
                 "DRTrainer: the noise will bury the signal: noise multiplier %.4g on %d adapter values with expected "
                 "batch %d over %d steps gives a noise-to-signal ratio of %.3g (above %g, training is unlikely to learn; "
-                "the default demo runs at about 0.5). Raise target_epsilon, use a larger expected batch, or adapt "
+                "the default demo runs at about 0.2). Raise target_epsilon, use a larger expected batch, or adapt "
                 "fewer parameters.", self.ledger.noise_multiplier, dim, self.expected_batch_size, planned, ratio,
                 HOPELESS_NOISE_RATIO,
             )
