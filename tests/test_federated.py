@@ -183,7 +183,10 @@ def test_federated_run_without_codec(tmp_path):
     assert last["epsilon"] == last["epsilon_prv"]
     # against the server each message is a plain Gaussian mechanism: mu^2 = (messages of the busiest party) / sigma^2
     busiest = int(sim.participation.max())
-    assert last["epsilon_server_view"] == pytest.approx(compute_epsilon([(1.0, 1.0, busiest)], 1 / 6, "gdp"))
+    assert last["epsilon_server_view_busiest"] == pytest.approx(compute_epsilon([(1.0, 1.0, busiest)], 1 / 6, "gdp"))
+    # what is published bounds every party (one that sent a message in each round) and names no sample
+    assert last["epsilon_server_view"] == pytest.approx(compute_epsilon([(1.0, 1.0, 3)], 1 / 6, "gdp"))
+    assert sim.privacy_report()["epsilon_server_view"] == last["epsilon_server_view"]
     assert not torch.equal(before, _adapter(sim))
     sim.save_model()
     assert (tmp_path / "fed" / "adapter_model.safetensors").is_file()

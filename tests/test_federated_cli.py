@@ -47,3 +47,14 @@ def test_federated_example_script_runs(tmp_path, hf_offline, capsys):
     assert summary["round"] == 2 and summary["uplink_bytes_per_party"] == 4 * sim.layout.dim
     report = json.loads((tmp_path / "ex" / "privacy_report.json").read_text())
     assert report["rounds"] == 2 and 0 < report["epsilon"] <= 2.0
+
+
+def test_noise_calibration_is_a_command_line_option():
+    from hf_drencoder.federated.cli import parse_federated_args
+
+    _, args = parse_federated_args(["--noise_calibration", "local"])
+    assert args.noise_calibration == "local"
+    _, default = parse_federated_args([])
+    assert default.noise_calibration == "distributed"
+    with pytest.raises(SystemExit):  # anything else is refused by the parser
+        parse_federated_args(["--noise_calibration", "none"])

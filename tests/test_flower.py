@@ -1,6 +1,7 @@
 """The federated mode on Flower: the strategy and the ClientApp give what FederatedSimulation gives (same accountant
-history, same global adapter with seeded noise), the party refuses to send un-noised updates, and a real SuperLink
-with 2 SuperNodes on 127.0.0.1 runs 2 rounds with a party that dies mid-round."""
+history, same global adapter with noise seeded on each party), the party refuses to send un-noised updates or to take
+a noise seed from a message, a failing party sends only a fixed code, what is published does not depend on who took
+part, and a real SuperLink with 2 SuperNodes on 127.0.0.1 runs 2 rounds with a party that dies mid-round."""
 
 import json
 import math
@@ -82,6 +83,7 @@ class FakeGrid:
         self.run_config = run_config
         self.fail = fail or (lambda node, msg: False)
         self.sent = []
+        self.replies = []
 
     def get_node_ids(self):
         return list(self.parties)
@@ -94,13 +96,31 @@ class FakeGrid:
             if self.fail(node, m):
                 continue  # the party went away: no reply
             party, node_config = self.parties[node]
-            context = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=self.run_config)
-            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # what the SuperLink assigns
-            replies.append(party.train(m, context))
+            replies.append(deliver(party, m, node_config, self.run_config, node, f"m{len(self.sent)}"))
+        self.replies += replies
         return replies
 
 
-def run_strategy(args, fail=None, nodes=None):
+def deliver(party, message, node_config, run_config=None, node=5, message_id="m1"):
+    """What a SuperNode does with a message: run the ClientApp's train; an exception it raises becomes an Error reply
+    whose reason is the exception's text, as Flower's runtime does."""
+    from flwr.app import Error, Message
+
+    context = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=run_config or {})
+    message.metadata.__dict__["_message_id"] = message_id  # what the SuperLink assigns
+    try:
+        return party.train(message, context)
+    except Exception as ex:  # noqa: BLE001 - flwr.supernode.runtime.run_clientapp does the same
+        return Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=message)
+
+
+def node_config(i, args, **extra):
+    """Party i's own SuperNode settings; its noise seed is local to it (the simulation's noise_seed, for equality)."""
+    seed = {"noise-seed": args.noise_seed} if args.noise_seed is not None else {}
+    return {"partition-id": i, "num-partitions": args.num_parties, **seed, **extra}
+
+
+def run_strategy(args, fail=None, nodes=None, data=data_fn):
     nodes = nodes or [1000 + 7 * i for i in range(args.num_parties)]
     model = lora(model_fn())
     params = [p for _, p in trainable_adapter_parameters(model)]
@@ -108,12 +128,12 @@ def run_strategy(args, fail=None, nodes=None):
     strategy = ClientLevelDPStrategy(args, layout, round_timeout=5)
     run_config = {"lora-target-modules": ",".join(TARGETS)}
     # node i is party i: the population is sorted by node id
-    grid = FakeGrid({n: (FlowerParty(model_fn, data_fn), {"partition-id": i, "num-partitions": args.num_parties})
-                     for i, n in enumerate(nodes)}, run_config, fail)
+    grid = FakeGrid({n: (FlowerParty(model_fn, data), node_config(i, args)) for i, n in enumerate(nodes)}, run_config, fail)
     from flwr.app import Array, ArrayRecord
 
     initial = ArrayRecord({"adapter": Array(layout.flatten([p.detach() for p in params]).numpy())})
     result = strategy.start(grid, initial)
+    grid.result = result
     final = torch.from_numpy(result.arrays["adapter"].numpy().copy())
     return strategy, final, grid
 
@@ -228,6 +248,94 @@ def test_duplicate_partition_ids_are_refused(tmp_path):
     initial = ArrayRecord({"adapter": Array(strategy.layout.flatten([p.detach() for p in params]).numpy())})
     with pytest.raises(PrivacyBudgetError, match="partition-id 0"):
         strategy.start(grid, initial)
+
+
+def _round_message(strategy, layout, config=None):
+    """The first round's message to the first sampled party, as the strategy builds it."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    strategy.population = [1000 + 7 * i for i in range(strategy.args.num_parties)]
+    model = lora(model_fn())  # the initial global adapter
+    start = layout.flatten([p.detach() for _, p in trainable_adapter_parameters(model)])
+    arrays = ArrayRecord({"adapter": Array(start.numpy())})
+    return strategy.configure_train(1, arrays, ConfigRecord(config or {}), None)
+
+
+def test_a_party_takes_its_noise_seed_only_from_its_own_settings(tmp_path):
+    """A noise seed in a message would let the server regenerate and subtract the party's noise: the strategy never
+    sends one (noise_seed seeds only its own k = 0 draw), a party refuses a round whose message carries one (a fixed
+    code, nothing else), and a seed in the party's own node config (or FlowerParty(noise_seed=...)) is used."""
+    layout = LoraLayout.from_model(lora(model_fn()))
+    args = fed_args(tmp_path, parties_per_round=4)  # noise_seed=0 on the server
+    messages = _round_message(ClientLevelDPStrategy(args, layout), layout)
+    assert len(messages) == 4 and not any("noise-seed" in m.content["config"] for m in messages)
+    with pytest.raises(PrivacyBudgetError, match="noise-seed"):  # nor can a train config smuggle one in
+        _round_message(ClientLevelDPStrategy(args, layout), layout, {"noise-seed": 0})
+
+    party = FlowerParty(model_fn, data_fn)
+    msg = messages[0]
+    msg.content["config"]["noise-seed"] = 0  # what a server that wants to replay the noise would send
+    reply = deliver(party, msg, {"partition-id": 0, "num-partitions": 4})
+    assert reply.has_error() and reply.error.reason == "party-refused" and not reply.has_content()
+
+    def payload(party, cfg, msg_id):
+        m = _round_message(ClientLevelDPStrategy(args, layout), layout)[0]
+        reply = deliver(party, m, cfg, {"lora-target-modules": "query,value"}, message_id=msg_id)
+        assert not reply.has_error()
+        return torch.from_numpy(reply.content["message"]["payload"].numpy().copy())
+
+    own = {"partition-id": 0, "num-partitions": 4}
+    # unseeded: fresh OS entropy each round, whatever the server's noise_seed
+    assert not torch.equal(payload(party, own, "a"), payload(party, own, "b"))
+    # seeded locally: reproducible, and the same noise as the simulation's party 0 with noise_seed=0
+    seeded = payload(party, {**own, "noise-seed": 0}, "c")
+    torch.testing.assert_close(payload(FlowerParty(model_fn, data_fn, noise_seed=0), own, "d"), seeded)
+    sim = FederatedSimulation(lora(model_fn()), make_cls_dataset(n=48, seed=1), fed_args(tmp_path / "sim", parties_per_round=4))
+    sim._setup()
+    torch.testing.assert_close(seeded, sim.party_step(0, 0).payload, rtol=1e-5, atol=1e-6)
+
+
+def _bad_target_data(partition_id, num_partitions, context=None):
+    if partition_id == 1:
+        raise IndexError("Target 7 is out of bounds.")  # an error text that quotes the party's data
+    return data_fn(partition_id, num_partitions, context)
+
+
+def test_a_failing_party_sends_a_fixed_code_and_keeps_the_text_in_its_own_log(tmp_path, caplog):
+    import logging
+
+    args = fed_args(tmp_path, parties_per_round=4, num_rounds=1)
+    with caplog.at_level(logging.INFO):
+        strategy, _, grid = run_strategy(args, data=_bad_target_data)
+    (bad,) = [r for r in grid.replies if r.has_error()]
+    assert bad.error.reason == "party-error"  # what crossed the network
+    assert strategy.history[0]["failed"] == [1] and strategy.history[0]["num_received"] == 3
+    party_lines = [r.getMessage() for r in caplog.records if r.name == "flwr.hf_drencoder.party"]
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "flwr.hf_drencoder"]
+    assert any("Target 7 is out of bounds" in line for line in party_lines)  # the party's own log has it
+    assert server_lines and not any("Target 7" in line for line in server_lines)
+    assert any("party-error" in line for line in server_lines)
+
+
+def test_what_the_strategy_publishes_does_not_depend_on_who_answered(tmp_path):
+    """Two runs that differ only in who answered (everyone, or nobody): the history written next to the model, the
+    privacy report and the metrics each round returns are the same in every key and value but the update's norm."""
+    args = fed_args(tmp_path, parties_per_round=4, num_rounds=2)
+    everyone, _, g1 = run_strategy(args)
+    nobody, _, g2 = run_strategy(args, fail=lambda node, m: True)
+    assert [h["num_received"] for h in everyone.history] == [4, 4] and [h["num_received"] for h in nobody.history] == [0, 0]
+    from hf_drencoder.federated.accounting import public_history
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "update_norm"} for r in records]
+
+    pub1, pub2 = public_history(everyone.history), public_history(nobody.history)
+    assert [set(r) for r in pub1] == [set(r) for r in pub2]
+    assert strip(pub1) == strip(pub2)
+    assert everyone.privacy_report() == nobody.privacy_report()
+    assert everyone.privacy_report()["epsilon_server_view"] > 0
+    m1, m2 = g1.result.train_metrics_clientapp, g2.result.train_metrics_clientapp
+    assert [strip([dict(m1[r])]) for r in m1] == [strip([dict(m2[r])]) for r in m2]
 
 
 def test_codec_auto_is_refused_on_flower(tmp_path):
@@ -387,7 +495,8 @@ def test_superlink_and_two_supernodes_on_loopback(tmp_path):
         for i, port in enumerate((node0, node1)):
             start(f"supernode{i}", [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                                     "--host", "127.0.0.1", "--port", str(port),
-                                    "--node-config", f"partition-id={i} num-partitions=2"])
+                                    # the party's noise seed is its own setting: the server's noise-seed is never sent
+                                    "--node-config", f"partition-id={i} num-partitions=2 noise-seed=0"])
         run = subprocess.run([_bin("flwr"), "run", str(app), "test", "--stream"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=150)
         report_path = out / "privacy_report.json"

@@ -7,9 +7,14 @@ import math
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
 
-# Who took part in a round, and how many (k; also k x message bytes): the analysis keeps these secret, so they
-# stay in the server's own state and out of any history written next to the model.
-SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes")
+# What depends on who took part in a round, or how many: the sampled set and who answered (k; also k x message
+# bytes), the exposure of the busiest party so far, and the round's wall time (it grows with k). The analysis
+# keeps the sample secret, so these stay in the server's own state and logs, out of anything written next to the
+# model. Everything else in a record is a public constant of the run or a function of the released update.
+SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes", "epsilon_server_view_busiest",
+                    "round_time_s")
+
+LOCAL_NEIGHBOURING = "zero-out one party's data (local DP at each party; who took part is not hidden from the server)"
 
 
 def client_level_ledger(args) -> PrivacyLedger:
@@ -21,6 +26,15 @@ def client_level_ledger(args) -> PrivacyLedger:
     under replace-one adjacency, where replacing one party's data moves sum/sqrt(k) by at most 2C (and by at
     most C when it fails instead): the accountant gets sigma / 2.
     """
+    if is_local(args):
+        # local DP at the party: each message alone is the Gaussian mechanism clip_C(u) + N(0, sigma^2 C^2) on that
+        # party's data, sensitivity C against a zero update; the server knows who answered, so no amplification by
+        # sampling (q = 1) and a party may answer in every round (docs/federated.md)
+        return PrivacyLedger(
+            delta=args.delta, sample_rate=1.0, max_grad_norm=args.max_update_norm, accountant_name=args.accountant,
+            noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon, unit="party",
+            disabled=args.disable_dp, sensitivity=1.0, neighbouring=LOCAL_NEIGHBOURING,
+        )
     fixed = args.party_sampling == "fixed"
     return PrivacyLedger(
         delta=args.delta, sample_rate=1.0 if fixed else args.sample_rate, max_grad_norm=args.max_update_norm,
@@ -30,12 +44,38 @@ def client_level_ledger(args) -> PrivacyLedger:
     )
 
 
+def is_local(args) -> bool:
+    """Whether ``args`` calibrate each party's noise for its own message alone (``noise_calibration="local"``)."""
+    return getattr(args, "noise_calibration", "distributed") == "local"
+
+
+def accounting_rate(args) -> float:
+    """The sampling rate the accountant is given for a party's releases: q, or 1 without amplification."""
+    return 1.0 if is_local(args) or args.party_sampling == "fixed" else args.sample_rate
+
+
 def public_history(history: list[dict]) -> list[dict]:
-    """``history`` without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
+    """``history`` without anything that depends on who took part in each round, or how many (see
+    ``SERVER_ONLY_KEYS``): what may be written next to the model."""
     return [{k: v for k, v in rec.items() if k not in SERVER_ONLY_KEYS} for rec in history]
 
 
-def account_codec_prior(ledger: PrivacyLedger, codec) -> None:
+def trust_report(args) -> dict:
+    """What the privacy report says about the trust the reported epsilon needs (docs/federated.md)."""
+    if is_local(args):
+        return {
+            "noise_calibration": "local",
+            "trust": "none: each party's message alone is a Gaussian mechanism with sensitivity C on its data "
+                     "(local DP at the party, accounted at q = 1 over every round, no amplification)",
+        }
+    return {
+        "noise_calibration": "distributed",
+        "trust": "every sampled party adds its noise (the server cannot check it) and the sampled set stays secret; "
+                 "the epsilon is amplified by party sampling. Against the server: epsilon_server_view",
+    }
+
+
+def account_codec_prior(ledger: PrivacyLedger, codec, local: bool = False) -> None:
     """A ready codec's prior was built from data: add its party-level cost to ``ledger``, or refuse the codec."""
     if ledger.disabled or codec is None:
         return
@@ -53,6 +93,9 @@ def account_codec_prior(ledger: PrivacyLedger, codec) -> None:
             "what it reveals about a whole party: use codec='auto' (party-level stage 1) or a public codec"
         )
     if history:
+        if local:
+            # the prior's releases are re-accounted without amplification, like every release of a local run
+            history = [(sigma, 1.0, steps) for sigma, _, steps in history]
         ledger.record_prior_releases(history, source="codec stage 1")
 
 
@@ -77,4 +120,15 @@ def server_view_epsilon(participation, stats_participation, sigma: float, z: flo
     return best if math.isfinite(best) else math.inf
 
 
-__all__ = ["SERVER_ONLY_KEYS", "account_codec_prior", "client_level_ledger", "public_history", "server_view_epsilon"]
+def server_view_bound(stats_rounds: int, rounds: int, sigma: float, z: float, delta: float, cache=None) -> float:
+    """The public counterpart of :func:`server_view_epsilon`: epsilon against the server of a party that sent a
+    message in every one of ``stats_rounds`` statistics and ``rounds`` training rounds. It bounds every party's
+    exposure and depends on no sample (the exposure of the busiest actual party would tell whether anyone took
+    part; it stays in the server's state)."""
+    if rounds == 0 and stats_rounds == 0:
+        return 0.0
+    return server_view_epsilon([rounds], [stats_rounds], sigma, z, delta, cache)
+
+
+__all__ = ["LOCAL_NEIGHBOURING", "SERVER_ONLY_KEYS", "account_codec_prior", "accounting_rate", "client_level_ledger",
+           "is_local", "public_history", "server_view_bound", "server_view_epsilon", "trust_report"]

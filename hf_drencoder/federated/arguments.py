@@ -9,6 +9,7 @@ from ..privacy.accounting import ACCOUNTANTS
 from .partition import PARTITIONS
 
 PARTY_SAMPLING = ("poisson", "fixed")
+NOISE_CALIBRATIONS = ("distributed", "local")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -28,6 +29,11 @@ class FederatedArguments:
             without amplification by sampling, under replace-one adjacency with sensitivity 2C: each round as a
             Gaussian mechanism with multiplier sigma / 2 at q = 1 (docs/federated.md). Much costlier in epsilon.
         parties_per_round: parties per round (expected, with poisson); q = parties_per_round / num_parties.
+        noise_calibration: ``distributed`` (the default) calibrates each party's noise for the aggregate: the
+            epsilon reported is amplified by party sampling and relies on every sampled party adding its noise
+            (the server cannot check a message's noise). ``local`` calibrates each party's noise for its own
+            message alone (local DP at the party): accounted at q = 1 over every round, with no amplification,
+            so a party's guarantee does not depend on the server or on any other party (docs/federated.md).
 
     Each sampled party adds its own noise N(0, sigma^2 C^2 I) before anything leaves it; the server sums the
     messages it receives and divides by sqrt(number received). docs/federated.md has the argument.
@@ -41,6 +47,7 @@ class FederatedArguments:
     partition_seed: int = field(default=0, metadata={"help": "Seed of the split of the data among parties."})
     num_rounds: int = field(default=30, metadata={"help": "Training rounds planned (the noise is calibrated for them)."})
     party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: exactly parties_per_round parties, accounted without amplification (replace-one, sensitivity 2C; see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
+    noise_calibration: str = field(default="distributed", metadata={"help": "distributed: each party's noise is calibrated for the aggregate sum/sqrt(k); the epsilon is amplified by party sampling and holds only if every sampled party adds its noise, which the server cannot check (see docs/federated.md, trust model). local: each party's noise is calibrated for its own message alone (local DP at the party, accounted at q = 1 with no amplification); a party's guarantee then depends on no one else, at the price of far more noise for the same epsilon.", "choices": list(NOISE_CALIBRATIONS)})
     parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
     local_steps: int = field(default=5, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
     local_batch_size: int = field(default=16, metadata={"help": "Batch size of the local steps."})
@@ -64,7 +71,7 @@ class FederatedArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A federation state folder to continue from."})
     seed: int = field(default=0, metadata={"help": "Seed of local batch order and of model-side randomness."})
     sampling_seed: int | None = field(default=None, metadata={"help": "Seed of the party sampling. Default: OS entropy (the sample must stay secret for amplification); set it for reproducible runs."})
-    noise_seed: int | None = field(default=None, metadata={"help": "Seed of the parties' noise. Default: OS entropy. Seeded noise is reproducible noise: for tests only."})
+    noise_seed: int | None = field(default=None, metadata={"help": "Seed of the noise (in a simulation: every party's; under Flower: the server's own draw only, each party seeds itself from its own node config). Default: OS entropy. Seeded noise is reproducible noise: for tests only."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar over rounds."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank when the model is not a PeftModel and no peft_config is given."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
@@ -100,6 +107,8 @@ class FederatedArguments:
             raise ValueError(f"stats_rounds must be >= 0, got {self.stats_rounds}")
         if self.party_sampling not in PARTY_SAMPLING:
             raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: choose one of {', '.join(PARTY_SAMPLING)}")
+        if self.noise_calibration not in NOISE_CALIBRATIONS:
+            raise ValueError(f"noise_calibration={self.noise_calibration!r} is unknown: choose one of {', '.join(NOISE_CALIBRATIONS)}")
         if self.party_sampling == "fixed":
             if self.parties_per_round != int(self.parties_per_round):
                 raise ValueError(f"party_sampling='fixed' needs a whole parties_per_round, got {self.parties_per_round}")
@@ -133,4 +142,4 @@ class FederatedArguments:
             raise ValueError("stats_noise_multiplier must be > 0 under DP")
 
 
-__all__ = ["FederatedArguments", "LOCAL_OPTIMIZERS", "PARTY_SAMPLING"]
+__all__ = ["FederatedArguments", "LOCAL_OPTIMIZERS", "NOISE_CALIBRATIONS", "PARTY_SAMPLING"]

@@ -90,14 +90,23 @@ def run_federated(data_args: FederatedDataArguments, fed_args: FederatedArgument
         "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"], "epsilon_prv": report["epsilon_prv"],
         "mu_gdp": report["mu_gdp"], "delta": report["delta"], "accountant": report["accountant"],
         "noise_multiplier": report["noise_multiplier"], "epsilon_server_view": report["epsilon_server_view"],
+        "noise_calibration": report["noise_calibration"],
         "uplink_bytes_per_message": last.get("uplink_bytes_per_party"),
-        "uplink_bytes_total": sum(h.get("uplink_bytes", 0) for h in history),
         "statistics_rounds": report["statistics_rounds"],
-        "train_runtime_s": sum(h.get("round_time_s", 0.0) for h in train_rounds),
     }
+    # written next to the model: nothing that depends on who took part (the total uplink is k times the message,
+    # the run time grows with k); the server's own log has them
     with open(os.path.join(fed_args.output_dir, "federated_result.json"), "w") as f:
         json.dump(result, f, indent=2)
+    logger.info("server only (not written next to the model): uplink %d bytes in total, training %.1f s",
+                sum(h.get("uplink_bytes", 0) for h in history), sum(h.get("round_time_s", 0.0) for h in train_rounds))
     return result
+
+
+_CALIBRATION_WORDS = {
+    "distributed": "for the aggregate (the epsilon needs every sampled party to add its noise)",
+    "local": "for each party's message alone (local DP at each party, no amplification)",
+}
 
 
 def format_result(r: dict) -> str:
@@ -108,8 +117,9 @@ def format_result(r: dict) -> str:
         f"  accuracy  {acc}\n"
         f"  client-level epsilon {r['epsilon']:.3f} ({r['accountant']}) at delta {r['delta']:.3g}; RDP {r['epsilon_rdp']:.3f}, "
         f"PRV {r['epsilon_prv']:.3f}, mu-GDP {r['mu_gdp']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
-        f"  against the server (per-message view, most active party): epsilon {r['epsilon_server_view']:.3f}\n"
-        f"  uplink {r['uplink_bytes_per_message']} bytes per message, {r['uplink_bytes_total']} bytes in total\n"
+        f"  against the server (per-message view, a party in every round): epsilon {r['epsilon_server_view']:.3f}\n"
+        f"  noise calibrated {_CALIBRATION_WORDS.get(r['noise_calibration'], r['noise_calibration'])}\n"
+        f"  uplink {r['uplink_bytes_per_message']} bytes per message\n"
     )
 
 

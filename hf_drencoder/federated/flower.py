@@ -6,6 +6,7 @@ that message. :class:`ClientLevelDPStrategy` runs the server step of :mod:`.serv
 parties, ``sum / sqrt(k)``, decode) and counts each round in a :class:`~hf_drencoder.privacy.PrivacyLedger`
 at (sigma, q) before anything is sent, exactly as :class:`~hf_drencoder.federated.FederatedSimulation` does in
 one process. docs/scaling.md ("Federation with Flower") has what runs where and what crosses the network.
+The ClientApp is in :mod:`.flower_party`, what both sides share in :mod:`.flower_common`.
 
 A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``) points at two objects built here::
 
@@ -22,211 +23,31 @@ context)`` the tokenized training rows of one party. Run it with ``flwr run`` on
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import math
 import os
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..codec.codec import GradientCodec
 from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
-from ..losses import infer_task
 from ..privacy.accounting import PrivacyBudgetError
-from .accounting import account_codec_prior, client_level_ledger, public_history, server_view_epsilon
+from .accounting import (SERVER_ONLY_KEYS, account_codec_prior, client_level_ledger, is_local, public_history,
+                         server_view_bound, server_view_epsilon, trust_report)
 from .arguments import FederatedArguments
-from .party import Party, PartyMessage
-from .server import FederatedServer, party_round_randomness
+from .flower_common import (GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PARTY_META, ROUND_CONFIG, _flat,
+                            _load_codec, federated_args_from_config, logger)
+from .flower_party import FlowerParty
+from .party import PARTY_CODES, PartyMessage
+from .server import FederatedServer
 from .simulation import HISTORY_NAME, REPORT_NAME
 
-try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import Result, Strategy
-except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError(
-        "hf_drencoder.federated.flower needs Flower: pip install 'hf-drencoder[flower]' (flwr>=1.42,<2; add "
-        "flwr[simulation] for Flower's simulation engine)"
-    ) from e
-
-# a child of Flower's logger: the per-round lines reach `flwr run --stream` and `flwr log` with Flower's own
-logger = logging.getLogger("flwr.hf_drencoder")
-
-# record names of the messages (what crosses the network)
-GLOBAL_ADAPTER = "global"  # downlink: ArrayRecord {"adapter": flat fp32 global LoRA tensors}
-ROUND_CONFIG = "config"  # downlink: ConfigRecord, the round's public settings
-PARTY_MESSAGE = "message"  # uplink: ArrayRecord {"payload": the encoded, noised update}
-PARTY_META = "meta"  # uplink: ConfigRecord {"party-id", "kind", "layout"}: public bookkeeping only
-
-
-# ---- configuration ----------------------------------------------------------------------------------------
-def federated_args_from_config(run_config: Mapping | None, **overrides) -> FederatedArguments:
-    """:class:`FederatedArguments` from a Flower run config (``[tool.flwr.app.config]`` and ``flwr run
-    --run-config``): keys are field names with ``-`` or ``_`` (``noise-multiplier=1.0``); list fields take a
-    comma-separated string. Keys that are not fields are left to the user's app. ``overrides`` win."""
-    fields = {f.name: f for f in dataclasses.fields(FederatedArguments)}
-    values = {}
-    for key, value in dict(run_config or {}).items():
-        name = str(key).replace("-", "_")
-        if name in fields:
-            values[name] = _convert(value, str(fields[name].type))
-    values.update(overrides)
-    return FederatedArguments(**values)
-
-
-def _convert(value, annotation: str):
-    if annotation.startswith("list"):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-    if annotation.startswith("bool"):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-    if annotation.startswith("int") and not isinstance(value, bool):
-        return int(value)
-    if annotation.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _lora_defaults(run_config: Mapping | None) -> dict:
-    """The LoRA settings of :class:`FederatedArguments` read from a run config (a ClientApp does not need,
-    and may not have, the privacy settings that validating a whole FederatedArguments requires)."""
-    fields = {f.name: f for f in dataclasses.fields(FederatedArguments)}
-    out = {k: fields[k].default for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
-    for key, value in dict(run_config or {}).items():
-        name = str(key).replace("-", "_")
-        if name in out:
-            out[name] = _convert(value, str(fields[name].type))
-    return {"r": out["lora_r"], "alpha": out["lora_alpha"], "dropout": out["lora_dropout"],
-            "target_modules": out["lora_target_modules"]}
-
-
-def _load_codec(spec, model):
-    """A ready codec (object, folder or Hub id), or None. ``'auto'`` (stage 1 from the parties) is refused:
-    its statistics rounds are not implemented on Flower."""
-    if spec is None or isinstance(spec, GradientCodec):
-        return spec
-    if spec == "auto":
-        raise ValueError(
-            "codec='auto' is not available on Flower (its stage-1 statistics rounds run only in FederatedSimulation). "
-            "Pre-train a codec (hf-drencoder pretrain-codec, or FederatedSimulation with codec='auto'), publish it, and "
-            "give its folder or Hub id as codec= on the server and the parties"
-        )
-    if isinstance(spec, str):
-        return GradientCodec.from_pretrained(spec, model=model)
-    raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, or None; got {type(spec).__name__}")
-
-
-def _flat(record: ArrayRecord, key: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(record[key].numpy(), dtype=np.float32)).reshape(-1)
-
-
-# ---- the party: a ClientApp ---------------------------------------------------------------------------------
-class FlowerParty:
-    """The ClientApp side: one SuperNode is one party (the privacy unit), identified by its node config's
-    ``partition-id``.
-
-    Args:
-        model_fn: ``model_fn(context)`` -> the base model or a PeftModel (the same architecture as the server's).
-        data_fn: ``data_fn(partition_id, num_partitions, context)`` -> this party's tokenized rows (with ``labels``).
-        peft_config: LoRA config when ``model_fn`` returns a plain model (default: the run config's ``lora-*``).
-        codec: a ready codec (object, folder or Hub id) or None; it must be the server's codec.
-        data_collator: rows -> batch (default ``transformers.default_data_collator``).
-        min_noise_multiplier: the smallest sigma this party accepts from the server (the SuperNode's node config
-            ``min-noise-multiplier`` overrides it). With None the party takes the server's sigma but never sends
-            an un-noised update unless its node config says ``allow-non-private=true``.
-
-    The party's noise is drawn from OS entropy unless the server sends a ``noise-seed`` (tests only: whoever knows
-    the seed can subtract the noise).
-    """
-
-    def __init__(self, model_fn: Callable, data_fn: Callable, *, peft_config=None, codec=None,
-                 data_collator: Callable | None = None, min_noise_multiplier: float | None = None):
-        self.model_fn = model_fn
-        self.data_fn = data_fn
-        self.peft_config = peft_config
-        self.codec_spec = codec
-        self.data_collator = data_collator
-        self.min_noise_multiplier = min_noise_multiplier
-        self._state: dict | None = None  # kept while the process lives (simulation actors reuse it)
-
-    def client_app(self) -> ClientApp:
-        app = ClientApp()
-        app.train()(self.train)
-        return app
-
-    def _setup(self, context: Context, partition_id: int, num_partitions: int) -> dict:
-        key = (context.run_id, partition_id)
-        if self._state is not None and self._state["key"] == key:
-            return self._state
-        from transformers import default_data_collator
-
-        model = wrap_with_lora(self.model_fn(context), self.peft_config, **_lora_defaults(context.run_config))
-        params = [p for _, p in trainable_adapter_parameters(model)]
-        data = self.data_fn(partition_id, num_partitions, context)
-        self._state = {
-            "key": key, "model": model, "params": params, "layout": LoraLayout.from_model(model),
-            "task": infer_task(model), "codec": _load_codec(self.codec_spec, model),
-            "party": Party(partition_id, data, self.data_collator or default_data_collator),
-        }
-        return self._state
-
-    def _check_privacy(self, cfg: ConfigRecord, context: Context) -> tuple[float, float]:
-        """The party's own guard on what the server asks: the message never leaves with less noise than the
-        party accepts, whatever the server sends."""
-        sigma, max_norm = float(cfg["noise-multiplier"]), float(cfg["max-update-norm"])
-        node = context.node_config
-        floor = node.get("min-noise-multiplier", self.min_noise_multiplier)
-        if sigma <= 0 or not math.isfinite(max_norm):
-            if str(node.get("allow-non-private", "false")).lower() not in ("1", "true", "yes"):
-                raise PrivacyBudgetError(
-                    f"the server asked for a non-private update (noise_multiplier={sigma}, max_update_norm={max_norm}); "
-                    "this party refuses. Start the SuperNode with --node-config 'allow-non-private=true' to allow it"
-                )
-            return 0.0, math.inf
-        if floor is not None and sigma < float(floor):
-            raise PrivacyBudgetError(f"the server asked for noise_multiplier={sigma} < this party's minimum {floor}; refusing")
-        if not max_norm > 0:
-            raise PrivacyBudgetError(f"max_update_norm={max_norm} must be > 0")
-        return sigma, max_norm
-
-    def train(self, msg: Message, context: Context) -> Message:
-        """One round on this party: the party step of :mod:`.party`; the reply holds only its message."""
-        if "partition-id" not in context.node_config:
-            raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=<i> num-partitions=<N>'")
-        pid = int(context.node_config["partition-id"])
-        cfg = msg.content[ROUND_CONFIG]
-        num_partitions = int(context.node_config.get("num-partitions", cfg["num-parties"]))
-        sigma, max_norm = self._check_privacy(cfg, context)
-        st = self._setup(context, pid, num_partitions)
-        layout: LoraLayout = st["layout"]
-        if layout.fingerprint != cfg["layout"]:
-            raise ValueError(f"this party's LoRA layout ({layout.fingerprint}) is not the server's ({cfg['layout']}): "
-                             "use the same model and LoRA configuration on both sides")
-        if (st["codec"] is not None) != bool(cfg["codec"]):
-            raise ValueError("the server and this party disagree on whether a codec is used: give both the same codec")
-        with torch.no_grad():
-            for p, t in zip(st["params"], layout.unflatten(_flat(msg.content[GLOBAL_ADAPTER], "adapter"))):
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
-        r = int(cfg["round-index"])
-        noise_seed = int(cfg["noise-seed"]) if "noise-seed" in cfg else None
-        seed, generator = party_round_randomness(int(cfg["seed"]), noise_seed, r, pid, sigma > 0)
-        decode_std = float(cfg["decode-noise-std"])
-        message: PartyMessage = st["party"].step(
-            st["model"], st["params"], layout, steps=int(cfg["local-steps"]), batch_size=int(cfg["local-batch-size"]),
-            learning_rate=float(cfg["local-learning-rate"]), optimizer=str(cfg["local-optimizer"]), task=st["task"],
-            seed=seed, max_norm=max_norm, noise_multiplier=sigma, generator=generator,
-            codec=st["codec"], codec_noise_std=decode_std or None,
-        )
-        content = RecordDict({
-            PARTY_MESSAGE: ArrayRecord({"payload": Array(message.payload.numpy())}),
-            PARTY_META: ConfigRecord({"party-id": pid, "kind": message.kind, "layout": layout.fingerprint}),
-        })
-        return Message(content, reply_to=msg)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Result, Strategy  # noqa: E402
 
 
 # ---- the server: a Strategy -----------------------------------------------------------------------------------
@@ -245,6 +66,9 @@ class ClientLevelDPStrategy(Strategy):
     Aggregation and decoding are :meth:`FederatedServer.aggregate_round` (``sum / sqrt(k)``, a server-drawn
     phantom message when k = 0, ``decode(R / sqrt(q N))``). Per round the strategy logs epsilon (every
     accountant), the uplink bytes and the parties, and it stops before a round the budget does not allow.
+    The parties seed their noise themselves: no seed is ever sent to them (``args.noise_seed`` seeds only the
+    server's own draw when k = 0). ``history`` is the server's own record; :func:`.accounting.public_history`
+    of it, and the metrics a round returns, carry nothing that depends on who took part.
     """
 
     def __init__(self, args: FederatedArguments, layout: LoraLayout, codec=None, *, round_timeout: float = 600.0,
@@ -258,7 +82,7 @@ class ClientLevelDPStrategy(Strategy):
         self.wait_for_parties_s = float(wait_for_parties_s)
         self.dp_enabled = not args.disable_dp
         self.ledger = client_level_ledger(args)
-        account_codec_prior(self.ledger, codec)  # before calibrating: the prior is paid from the same budget
+        account_codec_prior(self.ledger, codec, local=is_local(args))  # before calibrating: the prior is paid from the same budget
         self.ledger.calibrate(args.num_rounds)
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(layout, args.num_parties, args.sample_rate,
@@ -291,6 +115,12 @@ class ClientLevelDPStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         if self.population is None:
             self._fix_population(grid)
+        sent_seed = [k for k in MESSAGE_SEED_KEYS if k in config]
+        if sent_seed:
+            raise PrivacyBudgetError(
+                f"the train config holds {sent_seed[0]!r}: a seed sent to the parties would let the server replay their "
+                "noise, and the parties refuse it. Seed each party locally (--node-config 'noise-seed=<n>') instead"
+            )
         self._t0 = time.perf_counter()
         self._global = _flat(arrays, "adapter")
         r = self.round
@@ -303,7 +133,6 @@ class ClientLevelDPStrategy(Strategy):
             "max-update-norm": s.max_norm, "decode-noise-std": s.decode_noise_std, "layout": self.layout.fingerprint,
             "codec": self.codec is not None, "local-steps": a.local_steps, "local-batch-size": a.local_batch_size,
             "local-learning-rate": a.local_learning_rate, "local-optimizer": a.local_optimizer, "seed": a.seed,
-            **({"noise-seed": int(a.noise_seed)} if a.noise_seed is not None else {}),
         }
         content = RecordDict({GLOBAL_ADAPTER: arrays, ROUND_CONFIG: ConfigRecord({**dict(config), **cfg})})
         self._sent = {self.population[i]: i for i in self._sampled}
@@ -315,7 +144,9 @@ class ClientLevelDPStrategy(Strategy):
         if node not in self._sent:
             raise ValueError(f"a reply from node {node}, which was not sampled")
         if reply.has_error():
-            raise RuntimeError(reply.error.reason)
+            # a party of this library answers with a fixed code; any other text is not logged (it may quote data)
+            reason = reply.error.reason if reply.error.reason in PARTY_CODES else "an error reason that is not logged"
+            raise RuntimeError(f"the party answered {reason} (code {reply.error.code}); its own log has the details")
         meta = reply.content[PARTY_META]
         reported = int(meta["party-id"])
         if self.reported_party.setdefault(node, reported) != reported:
@@ -365,14 +196,16 @@ class ClientLevelDPStrategy(Strategy):
             "received": [m.party_id for m in messages], "failed": sorted(failed), "num_received": len(messages),
             "uplink_bytes": sum(m.num_bytes for m in messages), "uplink_bytes_per_party": self.server.message_bytes,
             "downlink_bytes_per_party": 4 * self.layout.dim, "update_norm": float(update.norm()), **metrics,
-            "epsilon_server_view": self.server_view_epsilon(), "round_time_s": time.perf_counter() - self._t0,
+            "epsilon_server_view": self.server_view_bound(), "epsilon_server_view_busiest": self.server_view_epsilon(),
+            "round_time_s": time.perf_counter() - self._t0,
         }
         self.history.append(record)
         logger.info("round %d: %d/%d parties answered, epsilon %.4g (rdp %.4g, prv %.4g), uplink %d bytes", self.round,
                     len(messages), len(self._sampled), metrics["epsilon"], metrics["epsilon_rdp"], metrics["epsilon_prv"],
                     record["uplink_bytes"])
-        numbers = {k: float(v) for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        # what the round returns may reach the user's logs: nothing in it depends on who took part
+        numbers = {k: float(v) for k, v in record.items() if k not in SERVER_ONLY_KEYS
+                   and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         return ArrayRecord({"adapter": Array(new_global.numpy())}), MetricRecord(numbers)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -419,20 +252,28 @@ class ClientLevelDPStrategy(Strategy):
         return result
 
     # privacy report ----------------------------------------------------------------------------------------------
+    def server_view_bound(self) -> float:
+        """epsilon against the server of a party that answered every round so far (public: no sample in it)."""
+        if not self.dp_enabled:
+            return math.inf
+        return server_view_bound(0, self.round, self.ledger.noise_multiplier, 0.0, self.args.delta)
+
     def server_view_epsilon(self) -> float:
-        """epsilon of the most exposed party against the server (see :func:`.accounting.server_view_epsilon`)."""
+        """epsilon of the most exposed party against the server (see :func:`.accounting.server_view_epsilon`):
+        server-only, it tells whether anyone took part."""
         if not self.dp_enabled:
             return math.inf
         zeros = [0] * len(self.participation)
         return server_view_epsilon(self.participation.tolist(), zeros, self.ledger.noise_multiplier, 0.0, self.args.delta)
 
     def privacy_report(self) -> dict:
+        """The privacy report written next to the model: nothing in it depends on who took part."""
         a = self.args
         report = self.ledger.report()
         report.update({
             "privacy_unit": "party", "num_parties": a.num_parties, "expected_parties_per_round": a.sample_rate * a.num_parties,
             "party_sampling": f"{a.party_sampling} (by the strategy, over the fixed population)", "max_update_norm": a.max_update_norm,
-            "rounds": self.round, "epsilon_server_view": self.server_view_epsilon(), "engine": "flower",
+            "rounds": self.round, **trust_report(a), "epsilon_server_view": self.server_view_bound(), "engine": "flower",
             "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
         })

@@ -9,6 +9,7 @@ tensors so that a transport other than this process (e.g. Flower) can call them.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,6 +23,24 @@ from ..privacy.clipping import clip_and_sum
 from ..privacy.noise import gaussian_noise_like
 
 MESSAGE_KINDS = ("update", "latent", "statistics")
+
+# What a party reports to the server when it does not send its message: a fixed code, never the exception's
+# text (an error message can quote the party's data, e.g. "Target 7 is out of bounds"). The full text goes to
+# the party's own log (this module's logger).
+PARTY_ERROR = "party-error"  # anything raised while the party trained on its data or built its message
+PARTY_REFUSED = "party-refused"  # the party's own privacy guard refused what the server asked (its log says why)
+PARTY_CODES = (PARTY_ERROR, PARTY_REFUSED)
+
+party_logger = logging.getLogger(__name__)
+
+
+def log_party_failure(party_id, where: str, error: BaseException, code: str = PARTY_ERROR,
+                      log: logging.Logger | None = None) -> str:
+    """Log ``error`` in full to the party's own log (``log``, default this module's logger) and return the
+    code the server may see."""
+    (log or party_logger).warning("party %s: %s failed (%s: %s); the server is told only %r", party_id, where,
+                         type(error).__name__, error, code, exc_info=error)
+    return code
 
 
 @dataclass
@@ -161,4 +180,4 @@ class Party:
         return PartyMessage(self.party_id, payload, kind)
 
 
-__all__ = ["MESSAGE_KINDS", "Party", "PartyMessage", "encode_message", "privatize_update", "statistics_message"]
+__all__ = ["MESSAGE_KINDS", "PARTY_CODES", "PARTY_ERROR", "PARTY_REFUSED", "Party", "log_party_failure", "PartyMessage", "encode_message", "privatize_update", "statistics_message"]

@@ -34,10 +34,12 @@ from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
-from .accounting import account_codec_prior, client_level_ledger, public_history, server_view_epsilon
+from ..codec.statistics import PARTS, _part_sizes
+from .accounting import (account_codec_prior, accounting_rate, client_level_ledger, is_local, public_history,
+                         server_view_bound, server_view_epsilon, trust_report)
 from .arguments import FederatedArguments
 from .partition import partition_indices
-from .party import Party, PartyMessage, _model_inputs, statistics_message
+from .party import Party, PartyMessage, _model_inputs, log_party_failure, statistics_message
 from .server import FederatedServer, derive_seed, party_round_randomness
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ class FederatedSimulation:
         else:
             raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, 'auto' or None; got {type(spec).__name__}")
         self.codec.check_layout(self.model)
-        account_codec_prior(self.ledger, self.codec)
+        account_codec_prior(self.ledger, self.codec, local=is_local(self.args))
 
     def _run_statistics_rounds(self) -> None:
         """Stage 1 from the parties: each sampled party releases noised statistics of its clipped update
@@ -163,8 +165,9 @@ class FederatedSimulation:
 
         a = self.args
         z = a.stats_noise_multiplier if self.dp_enabled else 0.0
+        rate = accounting_rate(a)
         if self.dp_enabled and a.target_epsilon is not None:
-            spent = compute_epsilon([(z, a.sample_rate, a.stats_rounds)], a.delta, a.accountant)
+            spent = compute_epsilon([(z, rate, a.stats_rounds)], a.delta, a.accountant)
             if spent >= a.target_epsilon:
                 raise PrivacyBudgetError(
                     f"the {a.stats_rounds} stage-1 statistics rounds alone would spend epsilon={spent:.3f} >= "
@@ -177,7 +180,7 @@ class FederatedSimulation:
             index = -(t + 1)
             sampled = stats_server.sample_parties(index)
             if self.dp_enabled:
-                self.ledger.accountant.step(z, a.sample_rate)  # counted before anything is released
+                self.ledger.accountant.step(z, rate)  # counted before anything is released
             messages, failed = [], []
             for pid in sampled:
                 try:
@@ -187,14 +190,15 @@ class FederatedSimulation:
                     messages.append(PartyMessage(pid, payload, "statistics"))
                 except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
                     failed.append(pid)
-                    logger.warning("stage-1 round %d: party %d failed and is left out (%s: %s)", t + 1, pid, type(e).__name__, e)
+                    code = log_party_failure(pid, f"stage-1 round {t + 1}", e)  # the full text: the party's log only
+                    logger.warning("stage-1 round %d: party %d is left out (%s)", t + 1, pid, code)
             for m in messages:
                 self.stats_participation[m.party_id] += 1
             per_round.append(messages)
             record = {"stage": "statistics", "round": t + 1, "parties": sampled, "received": [m.party_id for m in messages],
                       "failed": failed, "num_received": len(messages),
                       "uplink_bytes": sum(m.num_bytes for m in messages),
-                      "uplink_bytes_per_party": messages[0].num_bytes if messages else None,
+                      "uplink_bytes_per_party": 4 * sum(_part_sizes(self.layout)[p] for p in PARTS),
                       **self.ledger.metrics(), "noise_multiplier": z}
             self.history.append(record)
         self._statistics = stats_server.aggregate_statistics(per_round, z)
@@ -257,7 +261,8 @@ class FederatedSimulation:
                 messages.append(self.party_step(pid, r))
             except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
                 failed.append(pid)
-                logger.warning("round %d: party %d failed and is left out (%s: %s)", r + 1, pid, type(e).__name__, e)
+                code = log_party_failure(pid, f"round {r + 1}", e)  # the full text: the party's log only
+                logger.warning("round %d: party %d is left out (%s)", r + 1, pid, code)
         update = self.server.aggregate_round(messages, r)
         self._set_global(self._global_flat() + self.args.server_learning_rate * update)
         for m in messages:
@@ -267,7 +272,8 @@ class FederatedSimulation:
             "stage": "train", "round": self.round, "parties": sampled, "received": [m.party_id for m in messages],
             "failed": failed, "num_received": len(messages), "uplink_bytes": sum(m.num_bytes for m in messages),
             "uplink_bytes_per_party": self.server.message_bytes, "update_norm": float(update.norm()),
-            **self.ledger.metrics(), "epsilon_server_view": self.server_view_epsilon(),
+            **self.ledger.metrics(), "epsilon_server_view": self.server_view_bound(),
+            "epsilon_server_view_busiest": self.server_view_epsilon(),
         }
         a = self.args
         if self.eval_dataset is not None and (self.round == a.num_rounds or (a.eval_every and self.round % a.eval_every == 0)):
@@ -350,16 +356,28 @@ class FederatedSimulation:
                                    self.ledger.noise_multiplier, self.args.stats_noise_multiplier, self.args.delta,
                                    self._server_view_cache)
 
+    def server_view_bound(self) -> float:
+        """epsilon against the server of a party that sent a message in every round so far: a bound on every
+        party's exposure that does not depend on who took part (see :func:`.accounting.server_view_bound`)."""
+        if not self.dp_enabled:
+            return math.inf
+        return server_view_bound(self._statistics_rounds(), self.round, self.ledger.noise_multiplier,
+                                 self.args.stats_noise_multiplier, self.args.delta, self._server_view_cache)
+
+    def _statistics_rounds(self) -> int:
+        return int(sum(1 for h in self.history if h.get("stage") == "statistics"))
+
     def privacy_report(self) -> dict:
+        """The privacy report written next to the model: nothing in it depends on who took part."""
         self._setup()
         a = self.args
         report = self.ledger.report()
         report.update({
             "privacy_unit": "party", "num_parties": a.num_parties, "expected_parties_per_round": self.expected_parties,
-            "party_sampling": "poisson", "max_update_norm": a.max_update_norm, "rounds": self.round,
-            "statistics_rounds": int(sum(1 for h in self.history if h.get("stage") == "statistics")),
+            "party_sampling": a.party_sampling, "max_update_norm": a.max_update_norm, "rounds": self.round,
+            "statistics_rounds": self._statistics_rounds(),
             "stats_noise_multiplier": a.stats_noise_multiplier if self.codec_spec == "auto" else None,
-            "epsilon_server_view": self.server_view_epsilon(),
+            **trust_report(a), "epsilon_server_view": self.server_view_bound(),
             "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
         })
@@ -370,7 +388,7 @@ class FederatedSimulation:
         a = self.args
         return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
                 "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
-                "codec": self.codec is not None}
+                "codec": self.codec is not None, "noise_calibration": a.noise_calibration}
 
     def save_state(self, folder: str) -> None:
         """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
@@ -406,10 +424,11 @@ class FederatedSimulation:
         if has_codec:
             self.codec = GradientCodec.from_pretrained(os.path.join(folder, CODEC_DIR), model=self.model)
         mine, saved = self._fingerprint(), state["fingerprint"]
+        saved = {"noise_calibration": "distributed", **saved}  # states written before the option existed
         diff = [k for k in mine if mine[k] != saved.get(k)]
         if diff:
             raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
-                             "sampling rate, clipping norm, model and LoRA configuration")
+                             "sampling rate, clipping norm, noise calibration, model and LoRA configuration")
         self.ledger.load_state_dict(state["ledger"])
         self.round = int(state["round"])
         # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
