@@ -11,7 +11,7 @@ from hf_drencoder.privacy import compute_epsilon
 
 TINY = ["--num_parties", "4", "--parties_per_round", "2", "--num_rounds", "2", "--local_steps", "1", "--local_batch_size", "4",
         "--max_length", "16", "--max_train_samples", "200", "--max_eval_samples", "32", "--disable_tqdm", "true",
-        "--accountant", "gdp", "--sampling_seed", "0", "--noise_seed", "0"]
+        "--accountant", "rdp", "--sampling_seed", "0", "--noise_seed", "0"]
 
 
 @pytest.fixture

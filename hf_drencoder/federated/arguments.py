@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..privacy.accounting import ACCOUNTANTS
+from ..privacy.accounting import ACCOUNTANTS, check_accountant
 from .partition import PARTITIONS
 
 PARTY_SAMPLING = ("poisson", "fixed")
@@ -58,7 +58,7 @@ class FederatedArguments:
     target_epsilon: float | None = field(default=None, metadata={"help": "Client-level budget epsilon. Set exactly one of target_epsilon and noise_multiplier."})
     noise_multiplier: float | None = field(default=None, metadata={"help": "Noise std of each party's message as a multiple of max_update_norm."})
     target_delta: float | None = field(default=None, metadata={"help": "delta of the guarantee; default 1/num_parties, larger values are refused."})
-    accountant: str = field(default="prv", metadata={"help": "Accountant for calibration and the headline epsilon; all are logged.", "choices": list(ACCOUNTANTS)})
+    accountant: str = field(default="prv", metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv or rdp (upper bounds); GDP is logged as information.", "choices": list(ACCOUNTANTS)})
     disable_dp: bool = field(default=False, metadata={"help": "Non-private FedAvg through the same code path (no clipping, no noise, epsilon = inf)."})
     codec: str | None = field(default=None, metadata={"help": "A codec folder or Hub id, or 'auto' (stage 1 from the parties). Default: send the noised update itself."})
     codec_latent_ratio: float = field(default=1 / 64, metadata={"help": "Latent size over update size for codec='auto'."})
@@ -97,8 +97,7 @@ class FederatedArguments:
             raise ValueError(f"parties_per_round must be in (0, num_parties={self.num_parties}], got {self.parties_per_round}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"partition={self.partition!r} is unknown: choose one of {', '.join(PARTITIONS)}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant={self.accountant!r} is unknown: choose one of {', '.join(ACCOUNTANTS)}")
+        check_accountant(self.accountant)  # prv or rdp: GDP is not an upper bound for q < 1
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
             raise ValueError(f"local_optimizer={self.local_optimizer!r} is unknown: choose one of {', '.join(LOCAL_OPTIMIZERS)}")
         if self.num_rounds < 1 or self.local_steps < 1 or self.local_batch_size < 1:
