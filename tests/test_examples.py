@@ -24,7 +24,7 @@ def check_saved(out, steps):
     assert report["steps"] == steps and report["dp_enabled"] and math.isfinite(report["epsilon"])
     assert (out / "adapter_model.safetensors").is_file()
     card = (out / "README.md").read_text()
-    assert "library_name: hf-drencoder" in card and "differential_privacy:" in card
+    assert "library_name: peft" in card and "differential_privacy:" in card
     return report
 
 
