@@ -8,6 +8,7 @@ Reading order: :mod:`.layout` (gradient <-> flat vector), :mod:`.statistics` (th
 
 from .codec import DECODERS, GradientCodec, latent_size
 from .layout import Block, LayoutMismatchError, LoraLayout
+from .loading import CodecLoadError, load_codec
 from .pretrain import pretrain_codec
 from .priors import PRIORS, GaussianPrior, build_prior
 from .statistics import (
@@ -21,6 +22,7 @@ from .statistics import (
 
 __all__ = [
     "Block",
+    "CodecLoadError",
     "DECODERS",
     "GaussianPrior",
     "GradientCodec",
@@ -33,6 +35,7 @@ __all__ = [
     "build_prior",
     "collect_gradient_statistics",
     "latent_size",
+    "load_codec",
     "part_noise_std",
     "pretrain_codec",
     "statistics_sensitivity",
