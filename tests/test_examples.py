@@ -79,5 +79,5 @@ def test_run_classification_dr_embedded_default(tmp_path, offline):
     report = check_saved(out, steps=2)
     assert report["noise_multiplier"] == 1.0 and report["target_epsilon"] is None
     assert len(result["labels"]) == 8 and 0.0 <= result["eval"]["eval_accuracy"] <= 1.0
-    assert "eval_f1" in result["eval"]
+    assert "eval_macro_f1" in result["eval"]
     assert "eval_accuracy" in (out / "README.md").read_text()
