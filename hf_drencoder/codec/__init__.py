@@ -1,9 +1,9 @@
 """Stage 1 of DR-Encoder: private gradient statistics, priors built from them, and the gradient codec
 pre-trained on prior samples (never on real gradients).
 
-Reading order: :mod:`.layout` (gradient <-> flat vector), :mod:`.statistics` (the private release),
-:mod:`.priors` (what the server builds from it), :mod:`.codec` (encoder + noise-aware decoder),
-:mod:`.pretrain` (training on synthetic samples), :mod:`.cli` (``hf-drencoder pretrain-codec``).
+Reading order: `.layout` (gradient <-> flat vector), `.statistics` (the private release),
+`.priors` (what the server builds from it), `.codec` (encoder + noise-aware decoder),
+`.pretrain` (training on synthetic samples), `.cli` (``hf-drencoder pretrain-codec``).
 """
 
 from .codec import DECODERS, GradientCodec, latent_size

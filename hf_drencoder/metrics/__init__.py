@@ -119,7 +119,7 @@ def causal_lm_preprocess_logits(logits, labels):
     Trainer keeps every evaluation batch's predictions in memory; for a language model these are
     ``[batch, seq_len, vocab_size]`` logits. This function reduces them, batch by batch, to the NLL of each
     next token (``[batch, seq_len - 1]``, natural log; 0 where the label is -100), which
-    :func:`causal_lm_compute_metrics` turns into perplexity.
+    `causal_lm_compute_metrics` turns into perplexity.
 
     Args:
         logits: the model's logits (a tuple whose first item is the logits is accepted).
@@ -139,7 +139,7 @@ def causal_lm_compute_metrics():
     """Build a ``compute_metrics`` function that reports the perplexity of a causal language model.
 
     It takes an ``EvalPrediction`` whose predictions are either the per-token NLL produced by
-    :func:`causal_lm_preprocess_logits` (recommended: pass it as ``preprocess_logits_for_metrics``) or the raw
+    `causal_lm_preprocess_logits` (recommended: pass it as ``preprocess_logits_for_metrics``) or the raw
     logits, and whose ``label_ids`` are the labels given to the model (the input ids, unshifted, -100 where
     not scored). Token ``t`` is scored by the prediction at ``t - 1``, as in the models' own loss. The metric
     is the shipped ``perplexity`` script, loaded by path (no Hub access).
