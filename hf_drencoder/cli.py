@@ -148,7 +148,7 @@ def _one_line(message: str, prog: str) -> str:
 
 
 def _fail(prog: str, message: str, debug: bool) -> None:
-    hint = "" if debug else f" (run with --debug for the traceback)"
+    hint = "" if debug else " (run with --debug for the traceback)"
     print(f"{prog}: error: {_one_line(message, prog)}{hint}", file=sys.stderr)
     raise SystemExit(2)
 

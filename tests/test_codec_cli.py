@@ -83,8 +83,6 @@ def test_pretrain_codec_on_a_user_csv_with_peft_default_targets(tmp_path, offlin
 
 
 def _refused(argv, capsys):
-    import pytest
-
     from hf_drencoder.cli import main
 
     with pytest.raises(SystemExit) as e:
