@@ -146,7 +146,7 @@ def train_and_eval(cfg, method, epsilon, lr, train, test, tokenizer, num_labels,
         epsilon=report["epsilon"],
         target_epsilon=epsilon,
         accuracy=metrics["eval_accuracy"],
-        macro_f1=metrics["eval_f1"],
+        macro_f1=metrics.get("eval_macro_f1", metrics.get("eval_f1")),
         eval_loss=metrics["eval_loss"],
         uplink_bytes=report["uplink_bytes"],
         uplink_ratio=report["uplink_ratio"],
@@ -315,7 +315,7 @@ def run_federated(cfg, results: Results, data) -> None:
         train = [h for h in history if h.get("stage") == "train"]
         row = dict(
             setting="federated", split="test", method=method, epsilon=report["epsilon"], target_epsilon=eps,
-            accuracy=last["eval_accuracy"], macro_f1=last.get("eval_f1"), eval_loss=last.get("eval_loss"),
+            accuracy=last["eval_accuracy"], macro_f1=last.get("eval_macro_f1", last.get("eval_f1")), eval_loss=last.get("eval_loss"),
             uplink_bytes=last["uplink_bytes_per_party"], uplink_ratio=last["uplink_bytes_per_party"] / (4 * sim.layout.dim),
             noise_multiplier=report.get("noise_multiplier"), delta=report.get("delta"), accountant=report.get("accountant"),
             epsilon_server_view=report.get("epsilon_server_view"), codec_prior=FED_METHODS[method].get("codec_prior"),

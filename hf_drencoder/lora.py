@@ -34,7 +34,7 @@ def default_lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0
 
 def wrap_with_lora(model, peft_config=None, **defaults):
     """Return a PeftModel: ``model`` itself if it already is one (``peft_config`` must then be None),
-    ``model`` wrapped with ``peft_config``, or wrapped with :func:`default_lora_config`."""
+    ``model`` wrapped with ``peft_config``, or wrapped with `default_lora_config`."""
     if isinstance(model, PeftModel):
         if peft_config is not None:
             raise ValueError("the model is already a PeftModel: pass either a PeftModel or peft_config, not both")

@@ -22,7 +22,7 @@ def hf_offline(tmp_path, monkeypatch):
 
 def test_federated_command_on_the_embedded_default(tmp_path, hf_offline, capsys):
     out = tmp_path / "fed"
-    main(["federated", "--output_dir", str(out), "--target_epsilon", "3.0", *TINY])
+    main(["federated", "--output_dir", str(out), "--target_epsilon", "3.0", "--report_to", "tensorboard", *TINY])
     printed = capsys.readouterr().out
     assert "client-level epsilon" in printed and "accuracy" in printed
     result = json.loads((out / "federated_result.json").read_text())
@@ -35,6 +35,17 @@ def test_federated_command_on_the_embedded_default(tmp_path, hf_offline, capsys)
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["privacy_unit"] == "party" and report["delta"] == pytest.approx(1 / 4)
     assert (out / "adapter_model.safetensors").is_file() and (out / "last-state" / "federation_state.json").is_file()
+    # report_to tensorboard: one scalar per round and public key, nothing the server alone may know
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (out / "runs").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/epsilon", "eval/accuracy", "eval/macro_f1"} <= tags
+    assert not {t for t in tags if t.split("/")[-1] in ("num_received", "uplink_bytes", "parties")}
+    assert [e.step for e in acc.Scalars("train/epsilon")] == [1, 2]
+    assert acc.Scalars("train/epsilon")[-1].value == pytest.approx(result["epsilon"], rel=1e-5)
 
 
 def test_federated_example_script_runs(tmp_path, hf_offline, capsys):

@@ -49,8 +49,8 @@ def test_saved_layout_card_and_reload(tmp_path, trained):
     assert report["epsilon"] == pytest.approx(direct, rel=1e-6)
 
     card = ModelCard.load(out / "README.md")
-    assert card.data.library_name == "hf-drencoder"
-    assert {"differential-privacy", "lora", "dr-encoder"} <= set(card.data.tags)
+    assert card.data.library_name == "peft"
+    assert {"hf-drencoder", "differential-privacy", "lora", "dr-encoder"} <= set(card.data.tags)
     dp = card.data.differential_privacy
     assert dp["epsilon"] == pytest.approx(report["epsilon"]) and dp["delta"] == pytest.approx(report["delta"])
     assert dp["epsilon_rdp"] == pytest.approx(report["epsilon_rdp"])
@@ -104,6 +104,113 @@ def test_card_from_report_with_codec_and_party_unit():
     # A local path is not a Hub id: it stays out of the metadata.
     assert build_model_card(report, base_model="/tmp/some/model").data.base_model is None
     assert hub_model_id("bert-base-uncased") == "bert-base-uncased" and hub_model_id("") is None
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "foo--bar", "x..y", "repo.git", ".hidden", "-dash", "a" * 97, "with space"])
+def test_hub_model_id_uses_the_hub_validator(name):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    with pytest.raises(HFValidationError):
+        validate_repo_id(name)
+    assert hub_model_id(name) is None
+
+
+def test_hub_model_id_never_takes_an_existing_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-model").mkdir()
+    assert hub_model_id("local-model") is None and hub_model_id("org/local-model") == "org/local-model"
+
+
+REPORT = {"epsilon": 3.0, "epsilon_rdp": 3.4, "epsilon_prv": 3.0, "mu_gdp": 0.7, "accountant": "prv", "delta": 1e-5,
+          "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0, "privacy_unit": "example"}
+EVAL = {"eval_loss": 0.42, "eval_accuracy": 0.91, "eval_macro_f1": 0.77, "eval_runtime": 3.2,
+        "eval_samples_per_second": 101.5, "eval_steps_per_second": 4.0, "epoch": 1.0}
+
+
+def test_card_is_a_peft_adapter_card_with_model_index():
+    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = build_model_card(REPORT, base_model="bert-base-uncased", eval_results=EVAL, datasets="org/reuters",
+                            model_name="dp-bert")
+    # The Hub reads these fields: PEFT snippet and adapter-of relation, pipeline, tags.
+    reloaded = ModelCard(str(card))
+    data = reloaded.data
+    assert data.library_name == "peft" and data.base_model == "bert-base-uncased"
+    assert data.to_dict()["base_model_relation"] == "adapter"
+    assert data.pipeline_tag == "text-classification"
+    assert {"hf-drencoder", "differential-privacy"} <= set(data.tags)
+    # model-index: one result per model metric, none for throughput.
+    results = data.eval_results
+    assert all(isinstance(r, EvalResult) for r in results)
+    assert {r.metric_type: r.metric_value for r in results} == {"loss": 0.42, "accuracy": 0.91, "macro_f1": 0.77}
+    assert {r.task_type for r in results} == {"text-classification"} and results[0].dataset_type == "org/reuters"
+    yaml_text = str(card).split("---")[1]
+    assert "model-index" in yaml_text
+    assert not any(word in yaml_text for word in ("runtime", "samples_per_second", "steps_per_second"))
+    assert "eval_runtime" not in card.text and "| accuracy | 0.91 |" in card.text
+    # ModelCardData validation: the metadata rebuilds from its own dict, model-index included.
+    meta = yaml.safe_load(yaml_text)
+    name, parsed = model_index_to_eval_results(meta["model-index"])
+    assert name == "dp-bert" and len(parsed) == 3
+    rebuilt = ModelCardData(**meta)
+    assert rebuilt.eval_results == results and rebuilt.differential_privacy == data.differential_privacy
+    # the privacy block is unchanged by the Hub fields
+    assert data.differential_privacy["epsilon"] == 3.0 and data.differential_privacy["steps"] == 100
+
+
+def test_card_pipeline_tag_is_explicit_or_inferred():
+    from hf_drencoder.hub import pipeline_tag_for
+
+    lm = build_model_card(REPORT, eval_results={"eval_loss": 2.0, "eval_perplexity": 7.4})
+    assert lm.data.pipeline_tag == "text-generation"
+    assert build_model_card(REPORT, pipeline_tag="token-classification").data.pipeline_tag == "token-classification"
+    # no metrics, no tag given: no pipeline is claimed, and no empty model-index is written
+    bare = build_model_card(REPORT)
+    assert bare.data.pipeline_tag is None and bare.data.eval_results is None and "model-index" not in str(bare)
+    model = get_peft_model(make_tiny_bert(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert pipeline_tag_for(model) == "text-classification" and pipeline_tag_for(task_type="CAUSAL_LM") == "text-generation"
+    assert pipeline_tag_for() is None
+
+
+def test_codec_card_states_stage1_cost_layout_and_links(tmp_path):
+    from hf_drencoder.codec.card import PAPER_URL
+
+    layout = LoraLayout(["m.lora_A.weight", "m.lora_B.weight"], [[2, 8], [8, 2]])
+    history = [[1.0, 0.1, 4]]
+    codec = GradientCodec(layout=layout.to_dict(), latent_ratio=1 / 4, stage1_privacy={
+        "history": history, "unit": "example", "delta": 1e-5, "accountant": "prv",
+        "released": "per-coordinate noisy sums of 4 batches"})
+    codec.save_pretrained(tmp_path / "codec")
+    card = ModelCard.load(tmp_path / "codec" / "README.md")
+    assert "[More Information Needed]" not in str(card)
+    dp = card.data.differential_privacy
+    assert dp["epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.1, 4)], 1e-5, "prv"))
+    assert dp["epsilon_rdp"] == pytest.approx(compute_epsilon([(1.0, 0.1, 4)], 1e-5, "rdp"))
+    assert dp["delta"] == 1e-5 and dp["history"] == history and dp["released"].startswith("per-coordinate")
+    assert "differential-privacy" in card.data.tags and "hf-drencoder" in card.data.tags
+    meta = card.data.gradient_codec
+    assert meta["layout_fingerprint"] == layout.fingerprint and meta["latent_dim"] == codec.latent_dim
+    assert f"ε = {dp['epsilon']:.4g}" in card.text and "δ = 1e-05" in card.text
+    assert "`m.lora_A.weight` | 2 x 8" in card.text and layout.fingerprint in card.text
+    assert PAPER_URL in card.text
+    # the card is loadable back with the codec and its layout is what the card says
+    assert GradientCodec.from_pretrained(str(tmp_path / "codec"), layout=layout).layout.fingerprint == layout.fingerprint
+
+
+def test_codec_card_of_unknown_or_public_provenance_claims_no_privacy(tmp_path):
+    layout = LoraLayout(["m.lora_A.weight"], [[2, 8]])
+    unknown = GradientCodec(layout=layout.to_dict(), latent_ratio=1 / 4)
+    card = unknown.generate_model_card()
+    assert card.data.differential_privacy == {"stage": 1, "known": False}
+    assert "differential-privacy" not in card.data.tags and "does not record" in card.text
+    public = GradientCodec(layout=layout.to_dict(), latent_ratio=1 / 4).mark_public("built from public gradients")
+    card = public.generate_model_card()
+    assert card.data.differential_privacy["public"] is True and "built from public gradients" in card.text
+    # a release without its delta: the history is stated, no epsilon is made up
+    nodelta = GradientCodec(layout=layout.to_dict(), latent_ratio=1 / 4, stage1_privacy={"history": [[2.0, 1.0, 1]]})
+    card = nodelta.generate_model_card()
+    assert "epsilon" not in card.data.differential_privacy and "did not record its δ" in card.text
 
 
 def test_card_of_a_non_private_run_claims_nothing():
@@ -173,7 +280,7 @@ def test_push_to_hub_uploads_adapter_codec_and_card(tmp_path, monkeypatch, train
             "codec/config.json", "codec/model.safetensors", "training_args.bin"} <= set(files)
     card = ModelCard(files["README.md"].decode())
     report = json.loads(files["privacy_report.json"])
-    assert card.data.library_name == "hf-drencoder"
+    assert card.data.library_name == "peft"
     assert card.data.differential_privacy["epsilon"] == pytest.approx(report["epsilon"])
     assert card.data.differential_privacy["steps"] == report["steps"] == 3
     assert "# dp-bert" in card.text  # Trainer's model_name reaches our card

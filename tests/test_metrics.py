@@ -17,7 +17,7 @@ def metrics(offline):
     # Loading must not even try the Hub.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", no_network)
-        return {name: load_metric(name) for name in ("accuracy", "f1", "perplexity")}
+        return {name: load_metric(name) for name in ("accuracy", "f1", "macro_f1", "perplexity")}
 
 
 # predictions / references where macro-F1 differs from accuracy:
@@ -70,6 +70,25 @@ def test_f1_binary_and_labels(metrics):
         f1.compute(predictions=PREDS, references=REFS, average="binary")
     with pytest.raises(ValueError, match="average"):
         f1.compute(predictions=PREDS, references=REFS, average="samples")
+
+
+def test_metrics_agree_with_scikit_learn(metrics):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    refs, preds = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    preds[:80] = refs[:80]
+    weights = rng.random(200)
+    assert metrics["accuracy"].compute(predictions=preds, references=refs)["accuracy"] == pytest.approx(
+        accuracy_score(refs, preds))
+    for average in ("macro", "micro", "weighted"):
+        ours = metrics["macro_f1"].compute(predictions=preds, references=refs, average=average, sample_weight=weights)
+        assert ours["f1"] == pytest.approx(f1_score(refs, preds, average=average, sample_weight=weights))
+    # the default of the shipped script is macro (the Hub's f1 defaults to binary)
+    assert metrics["macro_f1"].compute(predictions=preds, references=refs)["f1"] == pytest.approx(
+        f1_score(refs, preds, average="macro"))
+    assert metrics["f1"].compute(predictions=preds, references=refs)["f1"] == pytest.approx(
+        f1_score(refs, preds, average="macro"))
 
 
 def test_perplexity_from_losses(metrics):
@@ -127,9 +146,13 @@ def test_compute_metrics_on_eval_prediction(offline):
     logits = np.full((5, 3), -1.0)
     logits[np.arange(5), PREDS] = 2.0
     result = compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array(REFS)))
-    assert set(result) == {"accuracy", "f1"}
+    # macro-F1 under its own name: the Hub's "f1" defaults to the binary average
+    assert set(result) == {"accuracy", "macro_f1"}
     assert result["accuracy"] == pytest.approx(2 / 5)
-    assert result["f1"] == pytest.approx((2 / 3 + 2 / 5) / 3)
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 2 / 5) / 3)
+    # the older name still works and keeps its key
+    old = classification_compute_metrics(("accuracy", "f1"))(EvalPrediction(predictions=logits, label_ids=np.array(REFS)))
+    assert old == {"accuracy": result["accuracy"], "f1": result["macro_f1"]}
 
     # Extra model outputs (hidden states) follow the logits in a tuple.
     with_hidden = compute_metrics(

@@ -1,13 +1,14 @@
 """Stage 1 of DR-Encoder: private gradient statistics, priors built from them, and the gradient codec
 pre-trained on prior samples (never on real gradients).
 
-Reading order: :mod:`.layout` (gradient <-> flat vector), :mod:`.statistics` (the private release),
-:mod:`.priors` (what the server builds from it), :mod:`.codec` (encoder + noise-aware decoder),
-:mod:`.pretrain` (training on synthetic samples), :mod:`.cli` (``hf-drencoder pretrain-codec``).
+Reading order: `.layout` (gradient <-> flat vector), `.statistics` (the private release),
+`.priors` (what the server builds from it), `.codec` (encoder + noise-aware decoder),
+`.pretrain` (training on synthetic samples), `.cli` (``hf-drencoder pretrain-codec``).
 """
 
 from .codec import DECODERS, GradientCodec, latent_size
 from .layout import Block, LayoutMismatchError, LoraLayout
+from .loading import CodecLoadError, load_codec
 from .pretrain import pretrain_codec
 from .priors import PRIORS, GaussianPrior, build_prior
 from .statistics import (
@@ -21,6 +22,7 @@ from .statistics import (
 
 __all__ = [
     "Block",
+    "CodecLoadError",
     "DECODERS",
     "GaussianPrior",
     "GradientCodec",
@@ -33,6 +35,7 @@ __all__ = [
     "build_prior",
     "collect_gradient_statistics",
     "latent_size",
+    "load_codec",
     "part_noise_std",
     "pretrain_codec",
     "statistics_sensitivity",

@@ -132,7 +132,8 @@ class GradientCodec(
     nn.Module,
     PyTorchModelHubMixin,
     library_name="hf-drencoder",
-    tags=["differential-privacy", "lora", "gradient-compression", "dr-encoder"],
+    tags=["hf-drencoder", "lora", "gradient-compression", "dr-encoder"],
+    paper_url="https://arxiv.org/abs/2412.17053",
 ):
     """Encoder/decoder of LoRA gradients for one :class:`LoraLayout`.
 
@@ -344,6 +345,12 @@ class GradientCodec(
             codec.check_layout(layout if layout is not None else model)
         codec._version += 1
         return codec
+
+    def generate_model_card(self, *args, **kwargs):
+        """The README.md that ``save_pretrained`` / ``push_to_hub`` write: stage-1 privacy cost, layout, links."""
+        from .card import codec_model_card
+
+        return codec_model_card(self)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

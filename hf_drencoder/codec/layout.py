@@ -67,7 +67,7 @@ def _factor_and_module(name: str) -> tuple[str, str]:
 class LoraLayout:
     """Deterministic map between a list of per-parameter gradients and one flat vector.
 
-    Build it with :meth:`from_model` (the trainable parameters of a ``PeftModel``, in ``named_parameters``
+    Build it with `from_model` (the trainable parameters of a ``PeftModel``, in ``named_parameters``
     order) or from names and shapes. ``flatten`` and ``unflatten`` are exact inverses.
     """
 
@@ -130,7 +130,7 @@ class LoraLayout:
         return self.describe()
 
     def check_compatible(self, other: "LoraLayout", what: str = "codec", against: str = "model") -> None:
-        """Raise :class:`LayoutMismatchError` naming both layouts and the first difference."""
+        """Raise `LayoutMismatchError` naming both layouts and the first difference."""
         if self == other:
             return
         mine, theirs = self.to_dict(), other.to_dict()
@@ -167,7 +167,7 @@ class LoraLayout:
         return torch.cat(parts, dim=-1)
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Inverse of :meth:`flatten` (views into ``flat``)."""
+        """Inverse of `flatten` (views into ``flat``)."""
         if flat.shape[-1] != self.dim:
             raise ValueError(f"flat vector has {flat.shape[-1]} values, {self.describe()} has {self.dim}")
         lead = tuple(flat.shape[:-1])

@@ -74,10 +74,10 @@ def pretrain_codec(
     progress: bool = True,
     **codec_kwargs,
 ) -> GradientCodec:
-    """Build a :class:`GradientCodec` for ``prior`` and pre-train it on samples of ``prior``.
+    """Build a `GradientCodec` for ``prior`` and pre-train it on samples of ``prior``.
 
     Args:
-        prior: a :class:`GaussianPrior` (from :func:`build_prior`); the only input, no gradients.
+        prior: a `GaussianPrior` (from `build_prior`); the only input, no gradients.
         latent_ratio: latent size over gradient size, in (0, 1].
         decoder: ``"mmse"`` (closed form; only a held-out evaluation is run) or ``"mlp"`` (train the residual).
         noise_std: per-coordinate noise std the codec must decode under: ``None`` (clean), a number, or a

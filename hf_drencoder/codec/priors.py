@@ -2,7 +2,7 @@
 
 Every prior here is Gaussian in its second-order description: a mean ``mean`` and a diagonal covariance
 ``var`` over the flat layout vector (the temporal prior adds a low-rank part inside the codec, see
-:mod:`.codec`). They differ in how much structure they take from the statistics:
+`.codec`). They differ in how much structure they take from the statistics:
 
 ``paper``    one mean and one variance per tensor (module x factor), entries i.i.d.: the prior of
              DR-Encoder as published. It carries no within-tensor structure.
@@ -114,7 +114,7 @@ def build_prior(
     floor: float = 0.05,
     sample_rank: int | None = None,
 ) -> GaussianPrior:
-    """The prior ``kind`` (one of :data:`PRIORS`) for the mean of ``expected_batch_size`` clipped gradients.
+    """The prior ``kind`` (one of `PRIORS`) for the mean of ``expected_batch_size`` clipped gradients.
 
     ``floor`` bounds every variance from below by ``floor`` times its tensor's mean variance, so that a
     coordinate whose noisy second moment came out near zero (or whose gradient was zero at stage 1, as

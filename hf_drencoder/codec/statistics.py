@@ -220,7 +220,7 @@ class StatisticsAccumulator:
 
     ``add`` takes per-sample gradients (one ``[b, *shape]`` tensor per layout tensor, or a flat
     ``[b, dim]``); ``release_batch`` adds the Gaussian noise of one mechanism invocation and records it in
-    the accountant; ``finish`` returns the released totals as :class:`GradientStatistics`.
+    the accountant; ``finish`` returns the released totals as `GradientStatistics`.
     """
 
     def __init__(

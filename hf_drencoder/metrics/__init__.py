@@ -19,14 +19,19 @@ __all__ = [
     "causal_lm_preprocess_logits",
 ]
 
-_METRICS = ("accuracy", "f1", "perplexity")
-_CLASSIFICATION_METRICS = ("accuracy", "f1")
+_METRICS = ("accuracy", "macro_f1", "f1", "perplexity")
+# "f1" is the older name of "macro_f1" (the same script, macro average by default); a compute_metrics built with
+# it keeps reporting under "f1". The Hub's own "f1" defaults to the binary average: hence the new name.
+_CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "f1")
+_DEFAULT_CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+_SCRIPT = {"macro_f1": "f1"}
 
 
 def _script_path(name: str) -> str:
     if name not in _METRICS:
         raise ValueError(f"unknown metric {name!r}; shipped metrics are {_METRICS}")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name, f"{name}.py")
+    script = _SCRIPT.get(name, name)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script, f"{script}.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} is missing: the hf_drencoder install lacks its metric scripts "
@@ -39,7 +44,8 @@ def load_metric(name: str, **kwargs):
     """Load one of the shipped metrics with ``evaluate.load``, offline.
 
     Args:
-        name: ``"accuracy"``, ``"f1"`` or ``"perplexity"``.
+        name: ``"accuracy"``, ``"macro_f1"`` (F1, macro-averaged by default; ``"f1"`` is the same script under
+            its older name) or ``"perplexity"``.
         **kwargs: passed to ``evaluate.load``.  ``keep_in_memory`` defaults
             to ``True``: results are then gathered in memory instead of in
             lock-protected cache files, which avoids lock clashes between
@@ -69,18 +75,21 @@ def _predictions_and_labels(eval_pred):
     return predictions, labels
 
 
-def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
+def classification_compute_metrics(metrics=_DEFAULT_CLASSIFICATION_METRICS):
     """Build a ``compute_metrics`` function for ``transformers.Trainer``.
 
     The metrics are loaded once, here, rather than at every evaluation.
 
     Args:
-        metrics: names among ``"accuracy"`` and ``"f1"`` (F1 is macro-averaged).
+        metrics: names among ``"accuracy"`` and ``"macro_f1"`` (scikit-learn's
+            ``accuracy_score`` and macro-averaged ``f1_score``). ``"f1"`` is
+            accepted as the older name of ``"macro_f1"`` and reported as ``f1``.
 
     Returns:
         A function that takes an ``EvalPrediction`` (or a ``(logits,
         labels)`` pair), takes the arg-max of the logits over the last axis
-        and returns a dict such as ``{"accuracy": 0.9, "f1": 0.8}``.
+        and returns a dict such as ``{"accuracy": 0.9, "macro_f1": 0.8}``
+        (Trainer logs them as ``eval_accuracy`` and ``eval_macro_f1``).
     """
     if isinstance(metrics, str):
         metrics = (metrics,)
@@ -97,7 +106,8 @@ def classification_compute_metrics(metrics=_CLASSIFICATION_METRICS):
         references = np.asarray(labels).reshape(-1)
         results = {}
         for name, module in modules.items():
-            results.update(module.compute(predictions=predictions, references=references))
+            value = module.compute(predictions=predictions, references=references)
+            results[name] = value["f1"] if name in ("f1", "macro_f1") else value[name]
         return results
 
     return compute_metrics
@@ -109,7 +119,7 @@ def causal_lm_preprocess_logits(logits, labels):
     Trainer keeps every evaluation batch's predictions in memory; for a language model these are
     ``[batch, seq_len, vocab_size]`` logits. This function reduces them, batch by batch, to the NLL of each
     next token (``[batch, seq_len - 1]``, natural log; 0 where the label is -100), which
-    :func:`causal_lm_compute_metrics` turns into perplexity.
+    `causal_lm_compute_metrics` turns into perplexity.
 
     Args:
         logits: the model's logits (a tuple whose first item is the logits is accepted).
@@ -129,7 +139,7 @@ def causal_lm_compute_metrics():
     """Build a ``compute_metrics`` function that reports the perplexity of a causal language model.
 
     It takes an ``EvalPrediction`` whose predictions are either the per-token NLL produced by
-    :func:`causal_lm_preprocess_logits` (recommended: pass it as ``preprocess_logits_for_metrics``) or the raw
+    `causal_lm_preprocess_logits` (recommended: pass it as ``preprocess_logits_for_metrics``) or the raw
     logits, and whose ``label_ids`` are the labels given to the model (the input ids, unshifted, -100 where
     not scored). Token ``t`` is scored by the prediction at ``t - 1``, as in the models' own loss. The metric
     is the shipped ``perplexity`` script, loaded by path (no Hub access).

@@ -2,13 +2,14 @@
 
 Load it with ``evaluate.load("<path to this folder>")`` or, more simply,
 ``hf_drencoder.metrics.load_metric("accuracy")``.  It mirrors the inputs and
-result of the Hub's ``accuracy`` metric for single-label classification, but
-is computed with numpy alone.
+result of the Hub's ``accuracy`` metric for single-label classification, and
+computes it the same way, with scikit-learn's ``accuracy_score``.
 """
 
 import datasets
 import evaluate
 import numpy as np
+from sklearn.metrics import accuracy_score
 
 _DESCRIPTION = """\
 Accuracy is the proportion of correct predictions among all predictions:
@@ -65,15 +66,11 @@ class Accuracy(evaluate.Metric):
         references = np.asarray(references)
         if predictions.size == 0:
             raise ValueError("accuracy of an empty set of predictions is undefined")
-        if sample_weight is None:
-            weights = np.ones(len(predictions), dtype=np.float64)
-        else:
-            weights = np.asarray(sample_weight, dtype=np.float64)
-            if weights.shape != predictions.shape:
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64)
+            if sample_weight.shape != predictions.shape:
                 raise ValueError(
-                    f"sample_weight has shape {weights.shape}, predictions {predictions.shape}"
+                    f"sample_weight has shape {sample_weight.shape}, predictions {predictions.shape}"
                 )
-        correct = float(np.sum(weights * (predictions == references)))
-        if normalize:
-            return {"accuracy": correct / float(np.sum(weights))}
-        return {"accuracy": correct}
+        score = accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
+        return {"accuracy": float(score)}
