@@ -208,6 +208,22 @@ class DRTrainer(Trainer):
             )
         return n
 
+    def _check_data(self) -> None:
+        """Labels present and in range, text tokenized: refused before anything is released (a failure after the
+        first step has already spent privacy). Skipped when the user's own collator builds the batch from raw
+        columns (``remove_unused_columns=False``) or the rows are not dicts."""
+        from .data_checks import check_train_dataset
+
+        if not self.args.remove_unused_columns or not isinstance(self.train_dataset[0], dict):
+            return
+        seq = self.task == "sequence_classification"
+        config = getattr(self.model, "config", None)
+        single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
+        check_train_dataset(
+            self.train_dataset, task="sequence_classification" if seq else "causal_lm",
+            num_labels=getattr(config, "num_labels", None) if seq and single_label else None,
+        )
+
     def target_delta(self, n: int | None = None) -> float:
         if self.args.target_delta is not None:
             return self.args.target_delta
@@ -282,6 +298,7 @@ class DRTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("DRTrainer.train() needs a train_dataset")
         n = self._check_train_dataset()
+        self._check_data()
         planned = self.planned_optimizer_steps()
         if planned < 1:
             raise ValueError(
@@ -423,7 +440,7 @@ class DRTrainer(Trainer):
     def _setup_codec(self, resume_from_checkpoint, n: int):
         """Load or build the codec before the noise is calibrated, so that a prior's privacy cost (stage 1) is
         in the ledger first. Returns the stage-1 statistics when a codec still has to be pre-trained from them."""
-        from .codec import GradientCodec, LoraLayout
+        from .codec import LoraLayout, load_codec
 
         self.layout = LoraLayout.from_model(self.model)
         spec = self._codec_spec
@@ -433,7 +450,7 @@ class DRTrainer(Trainer):
         saved = os.path.join(resume_from_checkpoint, CODEC_DIR) if resume_from_checkpoint else None
         if saved is not None and os.path.isdir(saved):
             # The checkpoint's codec (with its temporal state); its stage-1 cost is already in the saved ledger.
-            self.codec = self._checked_codec(GradientCodec.from_pretrained(saved, model=self.model))
+            self.codec = self._checked_codec(load_codec(saved, self.model))
             return None
         if resume_from_checkpoint:
             if isinstance(spec, str) and spec == "auto":
@@ -444,7 +461,7 @@ class DRTrainer(Trainer):
             logger.warning("DRTrainer: %s has no codec state; resuming with a fresh codec state", resume_from_checkpoint)
         elif isinstance(spec, str) and spec == "auto":
             return self._stage1_statistics(n)
-        codec = spec if isinstance(spec, GradientCodec) else GradientCodec.from_pretrained(spec, model=self.model)
+        codec = load_codec(spec, self.model)  # names the path and what is wrong with it
         self.codec = self._checked_codec(codec)
         self.codec.reset_state()
         if self.dp_enabled and not resume_from_checkpoint:
@@ -768,6 +785,9 @@ class DRTrainer(Trainer):
             if any(k.startswith("eval_") for k in entry):
                 eval_results = {k: v for k, v in entry.items() if k.startswith("eval_")}
                 break
+        from .hub import pipeline_tag_for
+
+        kwargs.setdefault("pipeline_tag", pipeline_tag_for(self.model))
         return build_model_card(report, base_model=finetuned_from, eval_results=eval_results, **kwargs)
 
     def create_model_card(
