@@ -20,7 +20,9 @@ from unittest import mock
 
 import torch
 
-from hf_drencoder.audit import _finite_or_str, _model_and_data, run_federated_audit
+from hf_drencoder.audit import run_federated_audit
+from hf_drencoder.audit.command import _model_and_data
+from hf_drencoder.audit.result import finite_or_str
 from hf_drencoder.federated import FederatedArguments, FederatedSimulation
 from hf_drencoder.federated import party as party_module
 
@@ -65,7 +67,7 @@ def main() -> None:
         rows.append(run("every round, NOISE OFF", tmp, noise_off=True, num_canaries=1000))
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
-        json.dump(_finite_or_str({"delta": DELTA, "rounds": ROUNDS, "sigma": SIGMA, "rows": rows}), f, indent=2, allow_nan=False)
+        json.dump(finite_or_str({"delta": DELTA, "rounds": ROUNDS, "sigma": SIGMA, "rows": rows}), f, indent=2, allow_nan=False)
         f.write("\n")
     print(f"wrote {OUT}")
 
