@@ -43,7 +43,7 @@ def given(argv: list[str], name: str) -> bool:
 
 def _epsilon(argv: list[str]) -> None:
     from . import _jsonio
-    from .privacy.accounting import ACCOUNTANTS, compute_epsilon, gdp_mu
+    from .privacy.accounting import REPORTED_ACCOUNTANTS, compute_epsilon, gdp_mu
 
     p = argparse.ArgumentParser(prog=f"{PROG} epsilon",
                                 description="epsilon of T Poisson-subsampled Gaussian releases under every accountant. "
@@ -64,7 +64,7 @@ def _epsilon(argv: list[str]) -> None:
     if not (0 < a.delta < 1):
         raise ConfigError(f"--delta must be in (0, 1), got {a.delta}")
     history = [(a.noise_multiplier, a.sample_rate, a.steps)]
-    out = {f"epsilon_{name}": compute_epsilon(history, a.delta, name) for name in ACCOUNTANTS}
+    out = {f"epsilon_{name}": compute_epsilon(history, a.delta, name) for name in REPORTED_ACCOUNTANTS}
     out["mu_gdp"] = gdp_mu(history)
     print(_jsonio.dumps(out))
 
