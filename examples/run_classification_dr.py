@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # The demo's settings (hf_drencoder/demo.py): about 0.80 accuracy at epsilon 8 on R8 in 90 steps of 64.
 EXAMPLE_DEFAULTS = {
-    **{k: v for k, v in DEMO_DEFAULTS.items() if k != "lora_target_modules"},  # set below for BERT-like models
+    **{k: v for k, v in DEMO_DEFAULTS.items() if k != "default_lora_target_modules"},  # set below for BERT-like models
     "output_dir": "classification-dr-output",
     "do_train": True,
     "do_eval": True,
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
     )
-    if training_args.lora_target_modules is None and model.config.model_type == "bert":
-        training_args.lora_target_modules = ["query", "value"]
+    if training_args.default_lora_target_modules is None and model.config.model_type == "bert":
+        training_args.default_lora_target_modules = ["query", "value"]
     train, test = data["train"], data["test"]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))

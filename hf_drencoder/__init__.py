@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .arguments import DRTrainingArguments
+from .arguments import DRArgumentsMixin, DRTrainingArguments, private_arguments_class
 from .audit import AuditResult, PrivacyAuditError, run_audit
 from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
 from .federated import FederatedArguments, FederatedSimulation
 from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
-from .trainer import DRTrainer
+from .trainer import DRTrainer, PrivateTrainerMixin, make_private
 
 __all__ = [
     "AuditResult",
@@ -18,8 +18,12 @@ __all__ = [
     "calibrate_noise_multiplier",
     "collect_gradient_statistics",
     "compute_epsilon",
+    "DRArgumentsMixin",
     "DRTrainer",
     "DRTrainingArguments",
+    "make_private",
+    "PrivateTrainerMixin",
+    "private_arguments_class",
     "FederatedArguments",
     "FederatedSimulation",
     "GradientCodec",

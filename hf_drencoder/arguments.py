@@ -1,9 +1,19 @@
-"""DRTrainingArguments: TrainingArguments plus the differential-privacy settings of DR-Encoder."""
+"""DRTrainingArguments: TrainingArguments plus the differential-privacy settings of DR-Encoder.
+
+The privacy settings live in one dataclass mixin, `DRArgumentsMixin`, so that any arguments class of the
+Trainer family (``TrainingArguments``, ``Seq2SeqTrainingArguments``, TRL's ``SFTConfig``) gets them:
+`private_arguments_class` builds the combined class. Every privacy field can also be set from the environment
+(``HF_DRENCODER_TARGET_EPSILON=3``) or a JSON/YAML file named in ``HF_DRENCODER_CONFIG``, so a script that parses
+a plain ``TrainingArguments`` needs no edit to choose epsilon.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -13,12 +23,21 @@ from .privacy.clipping import CLIPPING_MODES
 
 NOISE_SPACES = ("gradient", "latent")
 
+logger = logging.getLogger(__name__)
+
 # What a plain TrainingArguments gets when it is handed to DRTrainer (the swap-in case).
 SWAP_IN_DEFAULTS = {"target_epsilon": 8.0}
 
+ENV_PREFIX = "HF_DRENCODER_"
+CONFIG_ENV = "HF_DRENCODER_CONFIG"
+# variables of that prefix that are not privacy settings
+_OTHER_ENV = {"HF_DRENCODER_CONFIG", "HF_DRENCODER_DEBUG"}
+# alternatives: the environment naming one drops the script's value of the other
+_ALTERNATIVES = {"target_epsilon": "noise_multiplier", "noise_multiplier": "target_epsilon"}
+
 
 @dataclass
-class DRTrainingArguments(TrainingArguments):
+class DRArgumentsMixin:
     """Arguments of `DRTrainer`: everything ``TrainingArguments`` has, plus the privacy settings.
 
     Privacy (the unit protected is one training example):
@@ -50,7 +69,13 @@ class DRTrainingArguments(TrainingArguments):
         codec_stats_batch_size: stage 1 of ``codec="auto"``.
 
     LoRA (used only when the model is not a ``PeftModel`` and no ``peft_config`` is given):
-        lora_r, lora_alpha, lora_dropout, lora_target_modules.
+        default_lora_r, default_lora_alpha, default_lora_dropout, default_lora_target_modules (named apart from
+        a script's own ``lora_*`` arguments, e.g. TRL's ``ModelConfig``, so both parse side by side).
+
+    From the environment: ``HF_DRENCODER_<FIELD>`` (e.g. ``HF_DRENCODER_TARGET_EPSILON=3``) or a JSON/YAML file of
+    ``{field: value}`` named in ``HF_DRENCODER_CONFIG``. A value from there replaces a field left at its default
+    (and one of target_epsilon / noise_multiplier replaces the other); one that contradicts a value the script set
+    is refused. The privacy-in-force log line names what came from the environment.
 
     The expected batch of one optimizer step is
     ``per_device_train_batch_size * gradient_accumulation_steps * world_size``; with Poisson sampling the
@@ -148,17 +173,44 @@ class DRTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "codec='auto': expected batch of each stage-1 release (default: min(256, N))."},
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank for the default LoRA config (plain model, no peft_config)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
-    lora_target_modules: list[str] | None = field(
+    default_lora_r: int = field(
+        default=8, metadata={"help": "LoRA rank for the default LoRA config (a plain model and no peft_config)."}
+    )
+    default_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
+    default_lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
+    default_lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Modules to adapt for the default LoRA config (default: peft's choice for the architecture)."},
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
+        self._apply_environment()
         self.validate_privacy()
+
+    def _apply_environment(self) -> None:
+        """Privacy settings from ``HF_DRENCODER_*`` / ``HF_DRENCODER_CONFIG`` (see the class docstring)."""
+        overrides = environment_overrides()
+        applied = {}
+        for name, value in overrides.items():
+            current, default = getattr(self, name), _field_default(name)
+            if current == value:
+                applied[name] = value
+            elif current == default:
+                setattr(self, name, value)
+                applied[name] = value
+            else:
+                raise ValueError(
+                    f"{name}: the script sets {current!r} and the environment ({ENV_PREFIX}{name.upper()} or "
+                    f"{CONFIG_ENV}) sets {value!r}. Remove one of them"
+                )
+        for name in list(applied):
+            other = _ALTERNATIVES.get(name)
+            if other and other not in overrides and applied[name] is not None and getattr(self, other) is not None:
+                setattr(self, other, None)  # the environment chose the other alternative
+        self._privacy_from_environment = applied
 
     def validate_privacy(self) -> None:
         """Refuse settings under which the guarantee cannot hold or is undefined (before any training)."""
@@ -204,12 +256,106 @@ class DRTrainingArguments(TrainingArguments):
             )
 
     @classmethod
-    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "DRTrainingArguments":
-        """A DRTrainingArguments with every field of ``args`` and the swap-in privacy defaults."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        values.update(SWAP_IN_DEFAULTS)
+    def from_training_arguments(cls, args: TrainingArguments, **overrides):
+        """Arguments of ``args``' own class plus the privacy settings: every field of ``args``, the swap-in
+        privacy defaults (target_epsilon=8), the environment's privacy settings, then ``overrides``."""
+        target = cls if issubclass(cls, type(args)) else private_arguments_class(type(args))
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(type(args)) if f.init}
+        env = environment_overrides()
+        defaults = {k: v for k, v in SWAP_IN_DEFAULTS.items() if k not in env and _ALTERNATIVES.get(k) not in env}
+        values.update(defaults)
         values.update(overrides)
-        return cls(**values)
+        return target(**values)
+
+
+@dataclass
+class DRTrainingArguments(DRArgumentsMixin, TrainingArguments):
+    __doc__ = DRArgumentsMixin.__doc__
+
+
+_PRIVATE_CLASSES: dict[type, type] = {TrainingArguments: DRTrainingArguments}
+
+
+def private_arguments_class(base: type) -> type:
+    """``base`` (a ``TrainingArguments`` subclass, e.g. ``Seq2SeqTrainingArguments`` or TRL's ``SFTConfig``) with
+    the privacy fields of `DRArgumentsMixin` added; ``base`` itself when it has them already."""
+    if issubclass(base, DRArgumentsMixin):
+        return base
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"expected a TrainingArguments class, got {base!r}")
+    if base not in _PRIVATE_CLASSES:
+        name = f"DR{base.__name__}"
+        cls = dataclass(type(name, (DRArgumentsMixin, base), {"__doc__": DRArgumentsMixin.__doc__, "__module__": __name__}))
+        globals()[name] = cls  # importable by name, so that saved arguments unpickle in this process
+        _PRIVATE_CLASSES[base] = cls
+    return _PRIVATE_CLASSES[base]
+
+
+def _field_default(name: str):
+    f = {f.name: f for f in dataclasses.fields(DRArgumentsMixin)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _parse_env_value(name: str, text, annotation: str):
+    if not isinstance(text, str):
+        return text  # from a JSON/YAML file: already typed
+    optional = "None" in annotation
+    kind = annotation.replace("| None", "").replace("None |", "").strip()
+    if optional and text.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        if kind == "bool":
+            low = text.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return low in ("1", "true", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("list"):
+            return [t for t in text.replace(",", " ").split() if t]
+        return text
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
+
+
+def environment_overrides() -> dict:
+    """Privacy settings given by the environment: ``HF_DRENCODER_CONFIG`` (a JSON or YAML file of
+    ``{field: value}``), then ``HF_DRENCODER_<FIELD>`` variables, which win. Unknown names are refused (a typo must
+    not be silently ignored)."""
+    fields = {f.name: f for f in dataclasses.fields(DRArgumentsMixin)}
+    out: dict = {}
+    path = os.environ.get(CONFIG_ENV)
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"{CONFIG_ENV}={path!r}: no such file")
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+            else:
+                values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError(f"{CONFIG_ENV}={path!r} must hold a mapping of privacy settings")
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{path}: unknown privacy settings {', '.join(unknown)}; known: {', '.join(fields)}")
+        out.update({k: _parse_env_value(k, v, str(fields[k].type)) for k, v in values.items()})
+    for var, text in os.environ.items():
+        if not var.startswith(ENV_PREFIX) or var in _OTHER_ENV:
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            raise ValueError(
+                f"{var} is not a privacy setting. Known: {', '.join(ENV_PREFIX + n.upper() for n in fields)} (and "
+                f"{CONFIG_ENV}); Trainer's own settings come from your script's arguments"
+            )
+        out[name] = _parse_env_value(name, text, str(fields[name].type))
+    return out
 
 
 def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = None):
@@ -225,6 +371,10 @@ def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = No
     defaults = dict(defaults)
     if "--noise_multiplier" in {a.split("=")[0] for a in args}:
         defaults.pop("target_epsilon", None)
+    env = environment_overrides()  # the environment's privacy settings replace the script's defaults
+    for name in env:
+        defaults.pop(name, None)
+        defaults.pop(_ALTERNATIVES.get(name), None)
     parser.set_defaults(**defaults)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))

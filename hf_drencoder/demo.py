@@ -37,9 +37,9 @@ DEMO_DEFAULTS = dict(
     eval_strategy="no",
     per_device_eval_batch_size=128,
     report_to="none",
-    lora_r=8,
-    lora_alpha=16,
-    lora_target_modules=["query", "value"],
+    default_lora_r=8,
+    default_lora_alpha=16,
+    default_lora_target_modules=["query", "value"],
     seed=0,
 )
 

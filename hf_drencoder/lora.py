@@ -5,31 +5,23 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-_TASK_BY_SUFFIX = {
-    "ForCausalLM": TaskType.CAUSAL_LM,
-    "ForSequenceClassification": TaskType.SEQ_CLS,
-    "ForTokenClassification": TaskType.TOKEN_CLS,
+from .losses import base_model_of, infer_task
+
+_PEFT_TASK = {
+    "causal_lm": TaskType.CAUSAL_LM,
+    "seq2seq_lm": TaskType.SEQ_2_SEQ_LM,
+    "sequence_classification": TaskType.SEQ_CLS,
+    "token_classification": TaskType.TOKEN_CLS,
 }
 
 
 def default_lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None) -> LoraConfig:
-    """A LoRA config for ``model``'s architecture: peft's default target modules for its ``model_type`` and the
-    task type from its head (a classification head becomes ``modules_to_save``, as peft does for SEQ_CLS)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
-
-    name = type(model).__name__
-    task = next((t for suffix, t in _TASK_BY_SUFFIX.items() if name.endswith(suffix)), None)
-    if task is None:
-        raise ValueError(f"no default LoRA config for {name}: pass peft_config=LoraConfig(...) to DRTrainer")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if target_modules is None:
-        target_modules = TARGETS.get(model_type)
-        if target_modules is None:
-            raise ValueError(
-                f"peft has no default LoRA target modules for model_type={model_type!r}: pass "
-                "peft_config=LoraConfig(target_modules=[...]) or --lora_target_modules"
-            )
-    return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    """A LoRA config for ``model``: the task type from its head (a classification head becomes
+    ``modules_to_save``, as peft does for SEQ_CLS) and, unless given, peft's own default target modules for the
+    architecture (``target_modules=None`` lets peft choose when it wraps the model)."""
+    task = _PEFT_TASK[infer_task(model)]
+    return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target_modules) if target_modules else None)
 
 
 def wrap_with_lora(model, peft_config=None, **defaults):
@@ -41,7 +33,17 @@ def wrap_with_lora(model, peft_config=None, **defaults):
         return model
     if peft_config is None:
         peft_config = default_lora_config(model, **defaults)
-    return get_peft_model(model, peft_config)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        if "target_modules" not in str(err):
+            raise
+        model_type = getattr(getattr(base_model_of(model), "config", None), "model_type", None)
+        raise ValueError(
+            f"peft has no default LoRA target modules for model_type={model_type!r} ({err}). Name the layers to "
+            "adapt: DRTrainer(peft_config=LoraConfig(target_modules=['q_proj', 'v_proj'])) or "
+            "--default_lora_target_modules q_proj v_proj (the names of the model's attention Linear layers)"
+        ) from None
 
 
 def is_adapter_parameter(name: str) -> bool:

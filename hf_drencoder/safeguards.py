@@ -33,8 +33,9 @@ _DATA_DEPENDENT_INITS = ("eva", "corda", "lora_ga")
 HOPELESS_NOISE_RATIO = 5.0
 
 
-def trainer_option_problems(trainer, base_compute_loss) -> list[str]:
-    """Trainer options under which the per-example analysis does not hold, each with the fix."""
+def trainer_option_problems(trainer, overrides_compute_loss: bool) -> list[str]:
+    """Trainer options under which the per-example analysis does not hold, each with the fix.
+    ``overrides_compute_loss``: a subclass of the private trainer defines ``compute_loss``."""
     args = trainer.args
     problems = []
     if getattr(trainer, "compute_loss_func", None) is not None:
@@ -43,7 +44,7 @@ def trainer_option_problems(trainer, base_compute_loss) -> list[str]:
             "example's gradient must be clipped on its own). Override DRTrainer.per_sample_losses(model, inputs) to "
             "return one loss per example instead"
         )
-    if type(trainer).compute_loss is not base_compute_loss:
+    if overrides_compute_loss:
         problems.append(
             f"{type(trainer).__name__} overrides compute_loss, which the private step does not call. Move the loss "
             "into per_sample_losses(model, inputs), returning one loss per example (a [batch] tensor)"

@@ -294,12 +294,12 @@ def test_all_dr_fields_reach_the_command_line():
     parser = HfArgumentParser(DRTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses([
         "--output_dir", "x", "--target_epsilon", "3", "--target_delta", "1e-6", "--per_sample_max_grad_norm", "0.5",
-        "--accountant", "rdp", "--clipping", "per_layer", "--noise_seed", "7", "--lora_r", "4",
-        "--lora_target_modules", "q_proj", "v_proj", "--report_to", "none",
+        "--accountant", "rdp", "--clipping", "per_layer", "--noise_seed", "7", "--default_lora_r", "4",
+        "--default_lora_target_modules", "q_proj", "v_proj", "--report_to", "none",
     ])
     assert (args.target_epsilon, args.target_delta, args.per_sample_max_grad_norm) == (3.0, 1e-6, 0.5)
-    assert (args.accountant, args.clipping, args.noise_seed, args.lora_r) == ("rdp", "per_layer", 7, 4)
-    assert args.lora_target_modules == ["q_proj", "v_proj"] and args.poisson_sampling is True
+    assert (args.accountant, args.clipping, args.noise_seed, args.default_lora_r) == ("rdp", "per_layer", 7, 4)
+    assert args.default_lora_target_modules == ["q_proj", "v_proj"] and args.poisson_sampling is True
     help_text = parser.format_help()
     for name in ("--target_epsilon", "--noise_multiplier", "--disable_dp", "--poisson_sampling", "--accountant"):
         assert name in help_text
