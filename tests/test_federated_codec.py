@@ -38,8 +38,11 @@ def test_resume_continues_the_accountant(tmp_path):
     state = tmp_path / "fed" / "last-state"
     adapter_after_2 = _adapter(first)
 
-    # a different noise_multiplier on the command line does not override what was spent and used
-    args2 = fed_args(tmp_path, num_rounds=3, eval_every=0, noise_multiplier=50.0, resume_from_checkpoint=str(state))
+    # a different noise_multiplier on the command line is refused, not silently replaced by the state's
+    changed = fed_args(tmp_path, num_rounds=3, eval_every=0, noise_multiplier=50.0, resume_from_checkpoint=str(state))
+    with pytest.raises(PrivacyBudgetError, match="another mechanism.*noise_multiplier 1 -> 50"):
+        FederatedSimulation(make_tiny_bert(seed=3), make_cls_dataset(n=48), changed)._setup()
+    args2 = fed_args(tmp_path, num_rounds=3, eval_every=0, resume_from_checkpoint=str(state))
     second = FederatedSimulation(make_tiny_bert(seed=3), make_cls_dataset(n=48), args2)
     second._setup()
     assert torch.equal(_adapter(second), adapter_after_2)

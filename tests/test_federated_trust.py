@@ -32,7 +32,7 @@ def _federation(tmp_path, name, failing=(), **kw):
 
 def test_a_failing_party_error_text_stays_in_its_own_log(tmp_path, caplog):
     sim = _federation(tmp_path, "f", failing={0}, parties_per_round=6, num_rounds=1)  # q = 1: party 0 is sampled
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="hf_drencoder"):  # (a command run earlier may have raised its level)
         (h,) = sim.run()
     assert h["failed"] == [0]
     server = [r.getMessage() for r in caplog.records if r.name == "hf_drencoder.federated.simulation"]

@@ -1,6 +1,7 @@
 """Model card with the privacy report, the saved layout, loading it back, and push_to_hub at the HTTP boundary."""
 
 import base64
+import io
 import json
 import math
 
@@ -13,7 +14,8 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import dr_args, make_tiny_bert
-from hf_drencoder import DRTrainer, GradientCodec, LayoutMismatchError, LoraLayout, __version__, compute_epsilon
+from hf_drencoder import (DRTrainer, GradientCodec, LayoutMismatchError, LoraLayout, PrivacyBudgetError, __version__,
+                          compute_epsilon)
 from hf_drencoder.hub import build_model_card, hub_model_id, privacy_metadata
 
 
@@ -267,7 +269,10 @@ def test_push_to_hub_uploads_adapter_codec_and_card(tmp_path, monkeypatch, train
     monkeypatch.setattr(trained, "hub_model_id", None)
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
     try:
-        trained.push_to_hub()
+        with pytest.raises(PrivacyBudgetError, match="noise_seed"):  # the fixture's run is seeded (a test)
+            trained.push_to_hub()
+        assert not hub.commits
+        trained.push_to_hub(allow_seeded_noise=True)
     finally:
         huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
 
@@ -278,6 +283,8 @@ def test_push_to_hub_uploads_adapter_codec_and_card(tmp_path, monkeypatch, train
     assert path == "/api/models/alice/dp-bert/commit/main"
     assert {"adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "README.md",
             "codec/config.json", "codec/model.safetensors", "training_args.bin"} <= set(files)
+    assert b"noise_seed" not in files["training_args.bin"] or torch.load(
+        io.BytesIO(files["training_args.bin"]), weights_only=False).noise_seed is None  # the seed never leaves
     card = ModelCard(files["README.md"].decode())
     report = json.loads(files["privacy_report.json"])
     assert card.data.library_name == "peft"

@@ -32,7 +32,8 @@ def _clean_sums(tmp_path, bf16):
     trainer.post_privacy_hooks.append(lambda g: seen["released"].extend(t.dtype for t in g) or g)
     autocast_dtypes = set()
     hook = trainer.model.base_model.model.model.layers[0].self_attn.o_proj.register_forward_hook(
-        lambda m, i, o: autocast_dtypes.add(o.dtype)
+        # training forwards only: the example-independence check before training runs in fp32 under no_grad
+        lambda m, i, o: autocast_dtypes.add(o.dtype) if torch.is_grad_enabled() else None
     )
     trainer.train()
     hook.remove()
