@@ -11,6 +11,7 @@ from .accounting import (
     max_steps_within_budget,
 )
 from .clipping import CLIPPING_MODES, clip_and_sum, per_sample_norms
+from .grouping import GROUP_INDEX_KEY, GroupIndexCollator, GroupPoissonBatchSampler, group_rows, sum_by_group
 from .mechanism import GaussianGradientMechanism
 from .noise import gaussian_noise_like, make_generator
 from .sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
@@ -20,7 +21,10 @@ __all__ = [
     "CLIPPING_MODES",
     "EMPTY_BATCH_KEY",
     "EmptyBatchCollator",
+    "GROUP_INDEX_KEY",
     "GaussianGradientMechanism",
+    "GroupIndexCollator",
+    "GroupPoissonBatchSampler",
     "PoissonBatchSampler",
     "PrivacyAccountant",
     "PrivacyBudgetError",
@@ -30,7 +34,9 @@ __all__ = [
     "gaussian_noise_like",
     "gdp_epsilon",
     "gdp_mu",
+    "group_rows",
     "make_generator",
     "max_steps_within_budget",
     "per_sample_norms",
+    "sum_by_group",
 ]
