@@ -22,6 +22,7 @@ from .privacy.accounting import ACCOUNTANTS, check_accountant
 from .privacy.clipping import CLIPPING_MODES
 
 NOISE_SPACES = ("gradient", "latent")
+PRIVACY_UNITS = ("example", "group")
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,20 @@ class DRArgumentsMixin:
         default=None,
         metadata={"help": "Seed of the noise generator. Default: drawn from OS entropy. Seeded noise is reproducible "
                   "noise: use it for tests, not for a release."},
+    )
+    privacy_unit: str = field(
+        default="example",
+        metadata={"help": "What the guarantee protects: 'example' (one row) or 'group' (all rows sharing a value of "
+                  "group_by_column, e.g. one user). With 'group' the batch sizes count groups.",
+                  "choices": list(PRIVACY_UNITS)},
+    )
+    group_by_column: str | None = field(
+        default=None, metadata={"help": "privacy_unit='group': the column naming each row's group (e.g. user_id)."}
+    )
+    max_rows_per_group: int | None = field(
+        default=None,
+        metadata={"help": "privacy_unit='group': use at most this many of a sampled group's rows per step (chosen at "
+                  "random); default: all of them."},
     )
     max_physical_batch_size: int | None = field(
         default=None,
@@ -227,6 +242,22 @@ class DRArgumentsMixin:
             raise ValueError("codec_stats_noise_multiplier must be positive and finite (stage 1 is a private release)")
         if self.codec_stats_batches < 1:
             raise ValueError("codec_stats_batches must be >= 1")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} is unknown: choose one of {', '.join(PRIVACY_UNITS)}")
+        if self.privacy_unit == "group" and not self.group_by_column:
+            raise ValueError("privacy_unit='group' needs group_by_column: the column that names each row's group")
+        if self.privacy_unit != "group" and (self.group_by_column or self.max_rows_per_group):
+            raise ValueError(
+                "group_by_column / max_rows_per_group are only used with privacy_unit='group'; set privacy_unit='group' "
+                "to protect whole groups, or unset them"
+            )
+        if self.max_rows_per_group is not None and self.max_rows_per_group < 1:
+            raise ValueError(f"max_rows_per_group={self.max_rows_per_group} must be >= 1 (or unset: every row)")
+        if self.privacy_unit == "group" and self.codec == "auto":
+            raise ValueError(
+                "codec='auto' with privacy_unit='group': stage 1 samples rows, not groups. Pre-train the codec "
+                "(hf-drencoder pretrain-codec) and pass its path, or use no codec"
+            )
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size={self.max_physical_batch_size} must be >= 1 (or unset: no cap)")
         if self.target_delta is not None and not (0 < self.target_delta < 1):
@@ -285,7 +316,12 @@ def private_arguments_class(base: type) -> type:
         raise TypeError(f"expected a TrainingArguments class, got {base!r}")
     if base not in _PRIVATE_CLASSES:
         name = f"DR{base.__name__}"
-        cls = dataclass(type(name, (DRArgumentsMixin, base), {"__doc__": DRArgumentsMixin.__doc__, "__module__": __name__}))
+        body = {"__doc__": DRArgumentsMixin.__doc__, "__module__": __name__}
+        if any(f.name == "gradient_checkpointing" and f.default is True for f in dataclasses.fields(base)):
+            # (TRL's SFTConfig turns it on by default; it re-runs forward hooks and breaks per-example gradients)
+            body["__annotations__"] = {"gradient_checkpointing": bool}
+            body["gradient_checkpointing"] = field(default=False, metadata={"help": "Refused under DP."})
+        cls = dataclass(type(name, (DRArgumentsMixin, base), body))
         globals()[name] = cls  # importable by name, so that saved arguments unpickle in this process
         _PRIVATE_CLASSES[base] = cls
     return _PRIVATE_CLASSES[base]

@@ -38,11 +38,15 @@ def wrap_with_lora(model, peft_config=None, **defaults):
     except ValueError as err:
         if "target_modules" not in str(err):
             raise
-        model_type = getattr(getattr(base_model_of(model), "config", None), "model_type", None)
+        import torch
+
+        base = base_model_of(model)
+        model_type = getattr(getattr(base, "config", None), "model_type", None)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(
-            f"peft has no default LoRA target modules for model_type={model_type!r} ({err}). Name the layers to "
-            "adapt: DRTrainer(peft_config=LoraConfig(target_modules=['q_proj', 'v_proj'])) or "
-            "--default_lora_target_modules q_proj v_proj (the names of the model's attention Linear layers)"
+            f"peft has no default LoRA target modules for model_type={model_type!r}. Name the layers to adapt, "
+            "usually the attention query and value projections: DRTrainer(peft_config=LoraConfig(target_modules=[...])) "
+            f"or --default_lora_target_modules .... This model's Linear layers are: {', '.join(linear)}"
         ) from None
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .privacy.grouping import sum_by_group
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
 from .privacy.per_sample import attach_grad_sample_hooks, pop_per_sample_gradients
@@ -62,6 +63,7 @@ class PrivateStep:
         self.post_hooks = post_hooks if post_hooks is not None else []
         self.all_reduce = all_reduce
         self.hooks = None
+        self._group_sums: list[torch.Tensor] | None = None
 
     # ---- lifetime ----
 
@@ -91,9 +93,12 @@ class PrivateStep:
                 "decay, or use fp32 instead of bf16"
             )
 
-    def backward(self, losses: torch.Tensor, step: int, check_finite: bool = True) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor, step: int, check_finite: bool = True, group_index=None,
+                 num_groups: int | None = None) -> torch.Tensor:
         """Backward of one physical batch's per-example losses ``[b]``; its clipped gradients join the step's sum.
-        Returns the sum of the losses (for logging)."""
+        With ``group_index`` (``[b]``, the group of each row within its micro-batch of ``num_groups`` groups) the
+        rows' gradients are summed per group, and the groups are clipped in `end_micro_batch`. Returns the sum of
+        the losses (for logging)."""
         if check_finite and first_non_finite([losses.detach()]) is not None:
             raise FloatingPointError(
                 f"step {step}: an example's loss is not finite (NaN or inf). Check the inputs and labels (e.g. a row "
@@ -103,19 +108,32 @@ class PrivateStep:
             # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        self._collect(losses.shape[0])
+        self._collect(losses.shape[0], group_index, num_groups)
         return losses.detach().float().sum()
 
-    def _collect(self, batch: int) -> None:
+    def end_micro_batch(self) -> None:
+        """Clip the micro-batch's per-group sums (privacy unit 'group'): a group is clipped once, as one example,
+        even when its rows ran in several physical pieces."""
+        if self._group_sums is not None:
+            sums, self._group_sums = self._group_sums, None
+            self._add_per_unit(sums)
+
+    def _add_per_unit(self, grads: list[torch.Tensor]) -> None:
+        if self.latent:
+            # the encoder is a fixed linear map (public prior + released history): clipping the latents
+            # bounds each unit's influence on the released latent by C
+            grads = [self.codec.encode(self.layout.flatten(grads), self.decode_noise_std)]
+        self.mechanism.add_per_sample(grads)
+
+    def _collect(self, batch: int, group_index=None, num_groups: int | None = None) -> None:
         """Move this batch's gradients into the mechanism and wipe them from the parameters, so that a raw
         gradient is never left where the optimizer or a logger could read it."""
         if self.dp:
             grads = pop_per_sample_gradients(self.params, batch)
-            if self.latent:
-                # the encoder is a fixed linear map (public prior + released history): clipping the latents
-                # bounds each example's influence on the released latent by C
-                grads = [self.codec.encode(self.layout.flatten(grads), self.decode_noise_std)]
-            self.mechanism.add_per_sample(grads)
+            if group_index is not None:
+                self._group_sums = sum_by_group(grads, group_index, num_groups=num_groups, out=self._group_sums)
+                return
+            self._add_per_unit(grads)
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.latent:
@@ -126,6 +144,8 @@ class PrivateStep:
 
     def release(self, step: int) -> list[torch.Tensor]:
         """The step's privatised mean gradient, decoded and post-processed, written to ``param.grad``."""
+        if self._group_sums is not None:
+            raise RuntimeError("end_micro_batch() was not called before release(): per-group sums are unclipped")
         # Count first: a release the budget does not allow is refused before any noise is drawn or used.
         self.ledger.record_step()
         grads = self.mechanism.release(all_reduce=self.all_reduce)

@@ -39,6 +39,7 @@ from .private_step import PrivateStep
 from .privacy.coupling import check_up_front
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
+from .privacy.grouping import GROUP_INDEX_KEY, GroupIndexCollator, GroupPoissonBatchSampler
 from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
 from .safeguards import split_rows
 from .trainer_checks import _PreflightMixin
@@ -91,6 +92,15 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
         # The noise seed regenerates the noise and the batches: it stays in this process and is never written into
         # training_args.bin, a checkpoint, a report_to backend or the Hub.
         self._noise_seed, args.noise_seed = args.noise_seed, None
+        checkpointing = args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
+        if self._swap_in and checkpointing and not args.disable_dp:
+            logger.warning(
+                "%s: gradient_checkpointing is turned off (it was on in the %s given): it re-runs the forward pass in "
+                "backward, which breaks per-example gradients.", type(self).__name__, self._swap_in,
+            )
+            args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
         if model is None:
             raise ValueError("DRTrainer needs a model")
         self._wrapped_plain_model = not isinstance(model, PeftModel) and peft_config is None
@@ -166,7 +176,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
     def target_delta(self, n: int | None = None) -> float:
         if self.args.target_delta is not None:
             return self.args.target_delta
-        return 1.0 / (n if n is not None else self._num_train_examples())
+        return 1.0 / (n if n is not None else self._num_train_units())
 
     def _steps_per_epoch(self, n: int) -> int:
         return max(n // self.expected_batch_size, 1)
@@ -190,7 +200,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
         """Optimizer steps Trainer will run: the number the noise is calibrated for."""
         if self.args.max_steps > 0:
             return self.args.max_steps
-        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch(self._num_train_examples()))
+        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch(self._num_train_units()))
 
     def get_train_dataloader(self) -> DataLoader:
         if not self.args.poisson_sampling:
@@ -202,19 +212,30 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             import datasets
 
             is_hf_dataset = isinstance(dataset, datasets.Dataset)
-        if is_hf_dataset:
-            dataset = self._remove_unused_columns(dataset, description="training")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
-        sampler = PoissonBatchSampler(
-            num_samples=n,
-            sample_rate=self.expected_batch_size / n,
-            steps_per_epoch=self._steps_per_epoch(n),
-            micro_batches=self.args.gradient_accumulation_steps,
-            seed=self._sampling_seed(),
-            num_replicas=self.args.world_size,
-            rank=self.args.process_index,
+        self._set_signature_columns_if_needed()
+        signature = list(self._signature_columns)
+        if self._grouped:
+            # the group column survives Trainer's column removal for the training loader only; GroupIndexCollator
+            # takes it out of every row before the collator and the model see it
+            self._signature_columns = signature + [self.args.group_by_column]
+        try:
+            if is_hf_dataset:
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+        finally:
+            self._signature_columns = signature
+        common = dict(
+            sample_rate=self.expected_batch_size / n, steps_per_epoch=self._steps_per_epoch(n),
+            micro_batches=self.args.gradient_accumulation_steps, seed=self._sampling_seed(),
+            num_replicas=self.args.world_size, rank=self.args.process_index,
         )
+        if self._grouped:
+            # Poisson over groups; a group's rows stay in one micro-batch on one process
+            sampler = GroupPoissonBatchSampler(self._groups(), max_rows_per_group=self.args.max_rows_per_group, **common)
+            collator = GroupIndexCollator(collator, self.args.group_by_column)
+        else:
+            sampler = PoissonBatchSampler(num_samples=n, **common)
         loader_cls = DataLoader if self.args.world_size == 1 else _PoissonShareLoader
         loader = loader_cls(
             dataset,
@@ -250,6 +271,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             noise_multiplier=self.args.noise_multiplier,
             target_epsilon=self.args.target_epsilon,
             disabled=not self.dp_enabled,
+            unit=f"group ({self.args.group_by_column})" if self._grouped else "example",
         )
         if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -307,10 +329,10 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
                 f"{sorted(cfg.target_modules or [])}) instead of the full model. "
             )
         logger.warning(
-            "%sprivacy in force: unit=example, N=%d, expected batch=%d, sample_rate=%.5g, noise_multiplier=%.4g, "
+            "%sprivacy in force: unit=%s, N=%d, expected batch=%d, sample_rate=%.5g, noise_multiplier=%.4g, "
             "per_sample_max_grad_norm=%g, clipping=%s, delta=%.3g, accountant=%s, target_epsilon=%s, planned steps=%d, "
             "budget lasts %s steps.",
-            prefix, n, self.expected_batch_size, self.ledger.sample_rate, self.ledger.noise_multiplier,
+            prefix, self.ledger.unit, n, self.expected_batch_size, self.ledger.sample_rate, self.ledger.noise_multiplier,
             self.ledger.max_grad_norm, self.args.clipping, self.ledger.delta, self.args.accountant,
             self.args.target_epsilon, planned,
             self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
@@ -370,13 +392,18 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
                 # the hooked modules themselves, not DDP: its forward/backward collectives would wait for processes
                 # whose Poisson share is empty; the one collective of a step is the noised sum in the release
                 model = self.accelerator.unwrap_model(model)
+            groups = inputs.get(GROUP_INDEX_KEY)
+            num_groups = int(groups.max()) + 1 if groups is not None and groups.numel() else None
             cap = self.args.max_physical_batch_size
             for piece in split_rows(inputs, cap) if cap else [inputs]:
                 # a Poisson draw larger than the cap runs as several passes summed into the same step: memory only
+                index = piece.pop(GROUP_INDEX_KEY, None)
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
                     losses = self.per_sample_losses(model, piece)
                 # (several processes: the release check stops every process together instead of one here)
-                loss = loss + self._step.backward(losses, step, check_finite=self.args.world_size == 1)
+                loss = loss + self._step.backward(losses, step, check_finite=self.args.world_size == 1,
+                                                  group_index=index, num_groups=num_groups)
+            self._step.end_micro_batch()
             # Trainer averages the logged loss over processes: each reports its share times the number of processes
             loss = loss * self.args.world_size / self.expected_batch_size
         if self.accelerator.sync_gradients:

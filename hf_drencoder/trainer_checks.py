@@ -71,7 +71,7 @@ class _PreflightMixin:
         problems += trainer_option_problems(self, _overrides_below_mixin(type(self), "compute_loss"))
         problems += lora_init_problems(self.model)
         if problems:
-            raise ValueError("DRTrainer cannot guarantee privacy with these settings:\n- " + "\n- ".join(problems))
+            raise ValueError(f"{type(self).__name__} cannot guarantee privacy with these settings:\n- " + "\n- ".join(problems))
 
     def _num_train_examples(self) -> int:
         try:
@@ -85,18 +85,44 @@ class _PreflightMixin:
             raise ValueError("train_dataset is empty")
         return n
 
-    def _check_train_dataset(self) -> int:
+    @property
+    def _grouped(self) -> bool:
+        return self.args.privacy_unit == "group"
+
+    def _groups(self) -> list[list[int]]:
+        """Row indices of each group (privacy unit 'group'), from ``group_by_column``; cached per dataset."""
+        from .privacy.grouping import group_rows
+
+        dataset, column = self.train_dataset, self.args.group_by_column
+        cached = getattr(self, "_group_cache", None)
+        if cached is not None and cached[0] is dataset:
+            return cached[1]
+        names = getattr(dataset, "column_names", None)
+        if names is not None and column not in names:
+            raise ValueError(f"group_by_column={column!r} is not a column of train_dataset; its columns: {', '.join(names)}")
+        values = dataset[column] if names is not None else [dataset[i][column] for i in range(len(dataset))]
+        groups = group_rows(values)
+        self._group_cache = (dataset, groups)
+        return groups
+
+    def _num_train_units(self) -> int:
+        """N of the accountant: rows, or groups with privacy_unit='group'."""
         n = self._num_train_examples()
+        return len(self._groups()) if self._grouped else n
+
+    def _check_train_dataset(self) -> int:
+        n = self._num_train_units()
+        unit = "groups" if self._grouped else "examples"
         if self.args.poisson_sampling and self.expected_batch_size > n:
             raise ValueError(
-                f"the expected batch ({self.expected_batch_size} = per_device_train_batch_size x "
-                f"gradient_accumulation_steps x processes) is larger than the dataset ({n} examples): lower the batch size"
+                f"the expected batch ({self.expected_batch_size} {unit} = per_device_train_batch_size x "
+                f"gradient_accumulation_steps x processes) is larger than the dataset ({n} {unit}): lower the batch size"
             )
         delta = self.target_delta(n)
         if self.dp_enabled and delta > 1.0 / n:
             raise ValueError(
-                f"target_delta={delta:.3g} is above 1/N = {1.0 / n:.3g}: such a delta allows publishing an example "
-                "outright. Use target_delta <= 1/N (default 1/N; smaller is safer)"
+                f"target_delta={delta:.3g} is above 1/N = {1.0 / n:.3g} (N = {n} {unit}): such a delta allows "
+                "publishing a unit outright. Use target_delta <= 1/N (default 1/N; smaller is safer)"
             )
         return n
 

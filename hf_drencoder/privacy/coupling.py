@@ -132,7 +132,8 @@ def collator_problems(collator, args=None) -> list[str]:
     problems = []
     for c in _collator_chain(collator):
         name = type(c).__name__
-        if "Flattening" in name or hasattr(c, "return_position_ids"):
+        # (TRL's DataCollatorForLanguageModeling has return_position_ids too, and flattens only with padding_free)
+        if "Flattening" in name or (hasattr(c, "return_position_ids") and not hasattr(c, "padding_free")):
             problems.append(
                 f"the data collator {name} concatenates the examples of a batch into one row, so they are clipped "
                 f"as one sample (up to 2 C per example); {_PAD_EACH}"
