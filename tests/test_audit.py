@@ -259,3 +259,14 @@ def test_noise_disabled_inside_the_mechanism_is_caught_cli(tmp_path, monkeypatch
     res = json.loads((tmp_path / "audit.json").read_text())
     assert not res["passed"] and math.isfinite(res["epsilon_accountant"])
     assert res["epsilon_lower_bound"] > res["epsilon_accountant"] + 1.0
+
+
+def test_cli_defaults_dirac_canaries_on_most_coordinates_and_writes_infinity_as_null(tmp_path, capsys):
+    main(["audit", "--output_dir", str(tmp_path / "out"), "--train_examples", "64", "--per_device_train_batch_size",
+          "8", "--max_steps", "2", "--disable_dp", "--audit_output", str(tmp_path / "audit.json")])
+    text = (tmp_path / "audit.json").read_text()
+    res = json.loads(text)  # standard JSON: no Infinity
+    assert "Infinity" not in text and res["epsilon_accountant"] is None and res["epsilon_reported"] is None
+    assert res["non_finite"]["epsilon_accountant"] == "inf"
+    # as many Dirac canaries as 90% of the noised coordinates (the built-in tiny-bert has 2,147)
+    assert res["num_canaries"] == int(0.9 * 2147) and res["bound"] == "eps_delta" and res["passed"]

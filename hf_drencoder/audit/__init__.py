@@ -11,6 +11,8 @@ One file per job:
 
 * :mod:`.estimator` -- the mathematics: the p-value and the bound of the paper, the guess rule, the noise check
   (pure functions of numbers);
+* :mod:`.estimator_fdp` -- the Gaussian-DP bound (the whole trade-off curve, after Mahloujifar, Melis and
+  Chaudhuri 2024), used for every-step gradient canaries;
 * :mod:`.canaries` -- gradient canaries (white box, inserted through the mechanism's ``add_per_sample``) and
   input canaries (black box, training rows scored by the final model's loss);
 * :mod:`.central` -- :func:`run_audit`, one DRTrainer run;
@@ -32,6 +34,7 @@ from .estimator import (
     lower_bound_from_scores,
     noise_check,
 )
+from .estimator_fdp import gdp_bound_from_scores, gdp_mu_lower_bound, gdp_p_value
 from .federated import FederatedCanaries, run_federated_audit
 from .result import AuditResult, PrivacyAuditError
 
@@ -45,6 +48,9 @@ __all__ = [
     "count_correct",
     "default_guess_grid",
     "epsilon_lower_bound",
+    "gdp_bound_from_scores",
+    "gdp_mu_lower_bound",
+    "gdp_p_value",
     "guesses_for",
     "input_canary_scores",
     "lower_bound_from_scores",

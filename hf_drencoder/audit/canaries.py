@@ -28,6 +28,12 @@ DIRECTIONS = ("random", "dirac")
 # Canary rows go through add_per_sample in chunks: 10^5 dense rows of a 10^5-dimensional adapter do not fit.
 _ROWS_PER_CHUNK = 256
 
+# num_canaries=0 ("as many as fit"): one canary for each of 90% of the noised coordinates (the other 10% carry no
+# canary and measure the noise for the noise check), up to these many (Dirac canaries keep no m x d matrix;
+# random directions do, so they stop much earlier).
+AUTO_CANARIES = {"dirac": 50_000, "random": 1_000}
+AUTO_CANARY_FRACTION = 0.9
+
 
 
 class _CanaryDirections:
@@ -112,8 +118,8 @@ class _AttachGradientCanaries(TrainerCallback):
 
 
 def _check_canary_args(num_canaries: int, sampling: str, observe: str, direction: str, scale: float) -> None:
-    if num_canaries < 1:
-        raise ValueError("num_canaries must be >= 1")
+    if num_canaries < 0:
+        raise ValueError("num_canaries must be >= 1 (or 0: as many as the noised space allows)")
     for name, value, choices in (("sampling", sampling, CANARY_SAMPLING), ("observe", observe, OBSERVE),
                                  ("direction", direction, DIRECTIONS)):
         if value not in choices:
@@ -124,7 +130,9 @@ def _check_canary_args(num_canaries: int, sampling: str, observe: str, direction
 
 class _Canaries:
     """What both kinds of white-box canaries share: m canaries, each included with probability 1/2 (drawn
-    from ``seed``), and their accumulated scores."""
+    from ``seed``), and their accumulated scores. ``num_canaries=0`` means as many as the noised space has
+    coordinates (``AUTO_CANARY_FRACTION`` of them), up to ``AUTO_CANARIES[direction]``; m is then fixed when the
+    canaries are installed."""
 
     def __init__(self, num_canaries: int, sampling: str = "every_step", observe: str = "release",
                  direction: str = "random", scale: float = 1.0, seed: int = 0):
@@ -132,11 +140,22 @@ class _Canaries:
         self.num_canaries, self.sampling, self.observe = num_canaries, sampling, observe
         self.direction, self.scale = direction, float(scale)
         self._gen = torch.Generator().manual_seed(seed)
-        self.included = (torch.rand(num_canaries, generator=self._gen) < 0.5).numpy()
-        self.scores = np.zeros(num_canaries)
+        self.included, self.scores = None, None
+        if num_canaries:
+            self._draw_membership()
         self.releases = 0
         self.release_sum_squares: list[float] = []
         self.release_dims = 0
+
+    def _draw_membership(self) -> None:
+        self.included = (torch.rand(self.num_canaries, generator=self._gen) < 0.5).numpy()
+        self.scores = np.zeros(self.num_canaries)
+
+    def _resolve(self, d: int) -> None:
+        """Fix m for ``num_canaries=0`` once the noised dimension d is known."""
+        if not self.num_canaries:
+            self.num_canaries = max(1, min(int(AUTO_CANARY_FRACTION * d), AUTO_CANARIES[self.direction]))
+            self._draw_membership()
 
 
 class GradientCanaries(_Canaries):
@@ -170,6 +189,7 @@ class GradientCanaries(_Canaries):
         self._numels = [p.numel() for p in mech.params]
         self._device = mech.params[0].device
         d = sum(self._numels)
+        self._resolve(d)
         norm = self.scale * float(trainer.args.per_sample_max_grad_norm)
         self._directions = _CanaryDirections(self.num_canaries, d, self.direction, self._gen)
         if self.observe == "update" and getattr(trainer, "_latent_noise", False):

@@ -8,9 +8,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..privacy.accounting import compute_epsilon
+from ..privacy.accounting import compute_epsilon, gdp_mu
 from .canaries import CANARY_TYPES, GradientCanaries, input_canary_scores, make_input_canaries
 from .estimator import guesses_for, lower_bound_from_scores, noise_check
+from .estimator_fdp import gdp_bound_from_scores, gdp_epsilon_at
 from .result import AuditResult, PrivacyAuditError, comparison_note, verdict
 
 
@@ -71,7 +72,9 @@ def run_audit(
             plus the included input canaries; the audit calls ``train()``.
         canary_type: ``gradient`` (white box) or ``input`` (black box).
         canary_dataset: input canaries to use instead of :func:`make_input_canaries`' random ones (same columns).
-        confidence: the bound holds with at least this probability (1 - beta).
+        confidence: the bound holds with at least this probability (1 - beta). Every-step gradient canaries are
+            tested with the Gaussian-DP bound (:mod:`~.estimator_fdp`) against the mu the ledger's noise
+            multipliers give them; other canaries with the (epsilon, delta) bound (:mod:`~.estimator`).
         guesses: (k+, k-) candidates; default :func:`~.estimator.guesses_for`: one pair fixed in advance from
             10^4 canaries on, else :func:`~.estimator.default_guess_grid`, paid for with a Bonferroni correction.
         check: raise :class:`PrivacyAuditError` when the lower bound exceeds the accountant's epsilon, or (gradient
@@ -95,7 +98,7 @@ def run_audit(
                 f"the mechanism released {canaries.releases} steps but the ledger counted {trainer.ledger.steps}: "
                 "a release was not accounted"
             )
-        scores, included = canaries.scores, canaries.included
+        scores, included, num_canaries = canaries.scores, canaries.included, canaries.num_canaries
         noise = _noise_check(trainer, canaries, noise_check_level)
     else:
         noise = None
@@ -103,6 +106,8 @@ def run_audit(
 
         canary_sampling, observe = "dataset", "final_model_loss"
         if canary_dataset is None:
+            if num_canaries < 1:
+                raise ValueError("num_canaries must be >= 1 for input canaries (or pass canary_dataset=)")
             canary_dataset = make_input_canaries(train_dataset, num_canaries, seed)
         num_canaries = len(canary_dataset)
         included = (torch.rand(num_canaries, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).numpy()
@@ -116,19 +121,32 @@ def run_audit(
     if guesses is None:
         guesses = guesses_for(len(scores))
     outcome = lower_bound_from_scores(scores, included, report["delta"], confidence, guesses)
-    passed, message = verdict(outcome.epsilon_lower_bound, eps_canary, confidence, noise)
+    # Every-step gradient canaries with DP: each canary's releases are Gaussian mechanisms of sensitivity C, so
+    # the ledger claims exactly mu-GDP for them (mu = sqrt(sum 1 / sigma_t^2)); the GDP bound tests that claim
+    # with the whole trade-off curve. Other canaries (Poisson-sampled, input rows) keep the (epsilon, delta) bound.
+    mu_canary = mu_bound = None
+    best = outcome
+    bound, epsilon_bound = "eps_delta", outcome.epsilon_lower_bound
+    if canary_type == "gradient" and canary_sampling == "every_step" and trainer.dp_enabled:
+        mu_canary = gdp_mu([(sigma, 1.0, n) for sigma, _, n in _training_history(trainer.ledger)])
+        best = gdp_bound_from_scores(scores, included, confidence, guesses)
+        mu_bound, bound = best.mu_lower_bound, "gdp"
+        epsilon_bound = gdp_epsilon_at(mu_bound, report["delta"])
+    passed, message = verdict(epsilon_bound, eps_canary, confidence, noise, mu_bound, mu_canary)
     steps = report["steps"] if report["dp_enabled"] else trainer.state.global_step
     result = AuditResult(
         canary_type=canary_type, canary_sampling=canary_sampling, observe=observe, num_canaries=num_canaries,
-        num_included=int(np.sum(included)), guesses=outcome.guesses, correct=outcome.correct,
-        abstentions=num_canaries - outcome.guesses, k_plus=outcome.k_plus, k_minus=outcome.k_minus,
-        candidates_tried=outcome.candidates_tried, confidence=confidence, delta=report["delta"],
-        epsilon_lower_bound=outcome.epsilon_lower_bound, epsilon_accountant=eps_canary, epsilon_reported=eps_reported,
+        num_included=int(np.sum(included)), guesses=best.guesses, correct=best.correct,
+        abstentions=num_canaries - best.guesses, k_plus=best.k_plus, k_minus=best.k_minus,
+        candidates_tried=best.candidates_tried, confidence=confidence, delta=report["delta"],
+        epsilon_lower_bound=epsilon_bound, epsilon_accountant=eps_canary, epsilon_reported=eps_reported,
         accountant=report["accountant"], noise_multiplier=report["noise_multiplier"],
         sample_rate=report["sample_rate"], steps=steps, dp_enabled=report["dp_enabled"], passed=passed,
         message=message, comparison=comparison_note(canary_type, canary_sampling, eps_canary, eps_reported, steps),
         noise_ratio=None if noise is None else noise.ratio, noise_p_value=None if noise is None else noise.p_value,
-        noise_check_passed=None if noise is None else noise.passed, report=report,
+        noise_check_passed=None if noise is None else noise.passed, bound=bound,
+        epsilon_lower_bound_eps_delta=outcome.epsilon_lower_bound, mu_lower_bound=mu_bound, mu_accountant=mu_canary,
+        report=report,
     )
     if check and not passed:
         raise PrivacyAuditError(message, result)

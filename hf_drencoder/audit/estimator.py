@@ -9,7 +9,8 @@ guesses, v of them correct. If the mechanism is (eps, delta)-DP with respect to 
     q = e^eps / (1 + e^eps)                                                   (their Theorem 5.2, Appendix D)
 
 :func:`audit_p_value` is that right-hand side; :func:`epsilon_lower_bound` is the largest eps it rejects at
-level beta. :func:`noise_check` is a separate white-box test of the released noise scale.
+level beta. :func:`noise_check` is a separate white-box test of the released noise scale. For canaries whose
+privacy is that of a Gaussian mechanism, :mod:`.estimator_fdp` tests the whole trade-off curve instead (tighter).
 """
 
 from __future__ import annotations
@@ -196,11 +197,19 @@ def noise_check(sum_squares: Sequence[float], dims: int, sigmas: Sequence[float]
 
 
 def expected_gaussian_bound(m: int, mu: float, delta: float, beta: float = 0.05, seed: int = 0,
-                            guesses: Sequence[tuple[int, int]] | None = None) -> float:
+                            guesses: Sequence[tuple[int, int]] | None = None, method: str = "eps_delta") -> float:
     """The bound an ideal audit reaches on a mu-GDP mechanism: m scores N(mu * included, 1), guessed with
-    :func:`guesses_for`. What the audit can show at best for a correct Gaussian mechanism (its ceiling)."""
+    :func:`guesses_for`. What the audit can show at best for a correct Gaussian mechanism (its ceiling).
+    ``method``: ``eps_delta`` (the (eps, delta) bound of this module) or ``gdp`` (the epsilon at ``delta`` of the
+    GDP bound of :mod:`.estimator_fdp`)."""
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
     scores = rng.normal(0.0, 1.0, m) + mu * included
-    return lower_bound_from_scores(scores, included, delta, 1 - beta,
-                                   guesses if guesses is not None else guesses_for(m)).epsilon_lower_bound
+    grid = guesses if guesses is not None else guesses_for(m)
+    if method == "gdp":
+        from .estimator_fdp import gdp_bound_from_scores, gdp_epsilon_at
+
+        return gdp_epsilon_at(gdp_bound_from_scores(scores, included, 1 - beta, grid).mu_lower_bound, delta)
+    if method != "eps_delta":
+        raise ValueError(f"method={method!r} is unknown: choose eps_delta or gdp")
+    return lower_bound_from_scores(scores, included, delta, 1 - beta, grid).epsilon_lower_bound

@@ -72,6 +72,7 @@ class FederatedCanaries(_Canaries):
         self._sim, self._server = simulation, server
         self._num_parties = server.num_parties
         self._norm = self.scale * float(simulation.args.max_update_norm)
+        self._resolve(server.layout.dim)
         self._directions = _CanaryDirections(self.num_canaries, server.layout.dim, self.direction, self._gen)
         if server.codec is not None:
             server.codec = _RecordingCodec(server.codec, self)
@@ -182,6 +183,7 @@ def run_federated_audit(
         eps_reported = ledger.accountant.epsilon()
     outcome = lower_bound_from_scores(canaries.scores, canaries.included, report["delta"], confidence, guesses)
     passed, message = verdict(outcome.epsilon_lower_bound, eps_canary, confidence)
+    num_canaries = canaries.num_canaries
     result = AuditResult(
         canary_type="party", canary_sampling=canary_sampling, observe=observe, num_canaries=num_canaries,
         num_included=int(np.sum(canaries.included)), guesses=outcome.guesses, correct=outcome.correct,
@@ -190,7 +192,8 @@ def run_federated_audit(
         epsilon_lower_bound=outcome.epsilon_lower_bound, epsilon_accountant=eps_canary, epsilon_reported=eps_reported,
         accountant=report["accountant"], noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"],
         steps=canaries.releases, dp_enabled=report["dp_enabled"], passed=passed, message=message,
-        comparison=comparison_note("party", canary_sampling, eps_canary, eps_reported, canaries.releases), report=report,
+        comparison=comparison_note("party", canary_sampling, eps_canary, eps_reported, canaries.releases),
+        epsilon_lower_bound_eps_delta=outcome.epsilon_lower_bound, report=report,
     )
     if check and not passed:
         raise PrivacyAuditError(message, result)
