@@ -43,7 +43,7 @@ def given(argv: list[str], name: str) -> bool:
 
 def _epsilon(argv: list[str]) -> None:
     from . import _jsonio
-    from .privacy.accounting import ACCOUNTANTS, compute_epsilon, gdp_mu
+    from .privacy.accounting import REPORTED_ACCOUNTANTS, compute_epsilon, gdp_mu
 
     p = argparse.ArgumentParser(prog=f"{PROG} epsilon",
                                 description="epsilon of T Poisson-subsampled Gaussian releases under every accountant. "
@@ -64,7 +64,7 @@ def _epsilon(argv: list[str]) -> None:
     if not (0 < a.delta < 1):
         raise ConfigError(f"--delta must be in (0, 1), got {a.delta}")
     history = [(a.noise_multiplier, a.sample_rate, a.steps)]
-    out = {f"epsilon_{name}": compute_epsilon(history, a.delta, name) for name in ACCOUNTANTS}
+    out = {f"epsilon_{name}": compute_epsilon(history, a.delta, name) for name in REPORTED_ACCOUNTANTS}
     out["mu_gdp"] = gdp_mu(history)
     print(_jsonio.dumps(out))
 
@@ -99,7 +99,7 @@ def _audit(argv: list[str]) -> None:
 COMMANDS = {
     "audit": (_audit, "empirical privacy audit: a lower bound on epsilon from canaries, checked against the accountant"),
     "demo": (_demo, "fine-tune the embedded MiniLM + LoRA privately on Reuters-R8; print accuracy and epsilon"),
-    "epsilon": (_epsilon, "epsilon under RDP, PRV and GDP for a noise multiplier, sample rate and number of steps"),
+    "epsilon": (_epsilon, "epsilon under RDP, PRV, PLD and GDP for a noise multiplier, sample rate and number of steps"),
     "federated": (_federated, "federated simulation with client-level DP on the embedded MiniLM + Reuters-R8"),
     "pretrain-codec": (_pretrain_codec, "stage 1: pre-train a gradient codec from private statistics"),
 }

@@ -58,10 +58,10 @@ class ClientLevelDPStrategy(Strategy):
     them as the population (sorted node ids; more nodes are left out with a warning). In every round each party
     of the population joins independently with probability q = parties_per_round / num_parties
     (:meth:`FederatedServer.sample_parties`), whether it is online or not, or exactly ``parties_per_round`` of
-    them with ``party_sampling="fixed"`` (accounted without amplification, see :func:`.accounting.client_level_ledger`).
+    them with ``party_sampling="fixed"`` (sampling without replacement, see :func:`.accounting.client_level_ledger`).
     Flower's own samplers are not used. A sampled party that does not answer within
     ``round_timeout`` seconds, or answers with an error or a malformed message, is left out of the round; the
-    round is counted all the same, at (sigma, q), before any message is sent.
+    round is counted all the same, at (sigma, q) (or k of n), before any message is sent.
 
     Aggregation and decoding are :meth:`FederatedServer.aggregate_round` (``sum / sqrt(k)``, a server-drawn
     phantom message when k = 0, ``decode(R / sqrt(q N))``). Per round the strategy logs epsilon (every
@@ -200,9 +200,9 @@ class ClientLevelDPStrategy(Strategy):
             "round_time_s": time.perf_counter() - self._t0,
         }
         self.history.append(record)
-        logger.info("round %d: %d/%d parties answered, epsilon %.4g (rdp %.4g, prv %.4g), uplink %d bytes", self.round,
-                    len(messages), len(self._sampled), metrics["epsilon"], metrics["epsilon_rdp"], metrics["epsilon_prv"],
-                    record["uplink_bytes"])
+        logger.info("round %d: %d/%d parties answered, epsilon %.4g (rdp %.4g, prv %.4g, pld %.4g), uplink %d bytes",
+                    self.round, len(messages), len(self._sampled), metrics["epsilon"], metrics["epsilon_rdp"],
+                    metrics["epsilon_prv"], metrics["epsilon_pld"], record["uplink_bytes"])
         # what the round returns may reach the user's logs: nothing in it depends on who took part
         numbers = {k: float(v) for k, v in record.items() if k not in SERVER_ONLY_KEYS
                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
