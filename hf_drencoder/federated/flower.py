@@ -23,6 +23,7 @@ context)`` the tokenized training rows of one party. Run it with ``flwr run`` on
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -287,11 +288,13 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
 
     ``args`` default: :func:`federated_args_from_config` of the run config. ``round_timeout`` (default: the run
     config's ``round-timeout``, else 600 s) is how long a round waits for the sampled parties.
-    ``evaluate_fn(model, round) -> dict`` evaluates the global adapter on the server after each round.
+    ``evaluate_fn(model, round) -> dict`` (or ``evaluate_fn(model, round, context)``, with the ServerApp's Flower
+    context and so its run config) evaluates the global adapter on the server after each round.
     Writes ``privacy_report.json`` and ``federated_history.json`` after every round, and the adapter
     (``save_pretrained``) at the end.
     """
     app = ServerApp()
+    with_context = evaluate_fn is not None and _positional_parameters(evaluate_fn) >= 3
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -311,7 +314,10 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
 
         def after_round(rnd: int, arrays: ArrayRecord):
             set_global(arrays)
-            res = {k: float(v) for k, v in evaluate_fn(model, rnd).items()} if evaluate_fn is not None else None
+            res = None
+            if evaluate_fn is not None:
+                res = {k: float(v) for k, v in (evaluate_fn(model, rnd, context) if with_context else
+                                                 evaluate_fn(model, rnd)).items()}
             if res:
                 strategy.history[-1].update(res)
             _write_json(a.output_dir, HISTORY_NAME, public_history(strategy.history))
@@ -326,6 +332,13 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
         _write_json(a.output_dir, REPORT_NAME, strategy.privacy_report())
 
     return app
+
+
+def _positional_parameters(fn: Callable) -> int:
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _write_json(folder: str, name: str, obj) -> None:
