@@ -8,7 +8,8 @@ at (sigma, q) before anything is sent, exactly as :class:`~hf_drencoder.federate
 one process. docs/scaling.md ("Federation with Flower") has what runs where and what crosses the network.
 The ClientApp is in :mod:`.flower_party`, what both sides share in :mod:`.flower_common`.
 
-A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``) points at two objects built here::
+A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``; ``examples/flower-app/`` is a complete one)
+points at two objects built here::
 
     from hf_drencoder.federated.flower import FlowerParty, server_app
 
