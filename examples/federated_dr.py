@@ -25,7 +25,7 @@ def main(argv=None):
     sim.save_model()  # adapter, codec, privacy_report.json, federated_history.json in output_dir
 
     last = history[-1]
-    print(json.dumps({k: last.get(k) for k in ("round", "eval_accuracy", "epsilon", "epsilon_rdp", "epsilon_prv",
+    print(json.dumps({k: last.get(k) for k in ("round", "eval_accuracy", "epsilon", "epsilon_rdp", "epsilon_prv", "epsilon_pld",
                                                 "mu_gdp", "uplink_bytes_per_party")}, indent=2))
     return sim
 

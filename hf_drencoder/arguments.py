@@ -46,7 +46,7 @@ class DRArgumentsMixin:
             solved for the planned number of optimizer steps and training stops before the budget is exceeded.
         target_delta: delta of the (epsilon, delta) guarantee; default 1 / len(train_dataset).
         per_sample_max_grad_norm: C, the L2 bound on each example's LoRA gradient (the sensitivity).
-        accountant: prv | rdp, used to calibrate, for the budget stop and the headline ``epsilon``. GDP (an
+        accountant: prv | pld | rdp, used to calibrate, for the budget stop and the headline ``epsilon``. GDP (an
             approximation for q < 1, not an upper bound) is refused here and logged as information.
         poisson_sampling: sample each example independently with rate q = expected global batch / N.
         clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)).
@@ -105,8 +105,8 @@ class DRArgumentsMixin:
     )
     accountant: str = field(
         default="prv",
-        metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv or rdp (both upper "
-                  "bounds). Both are logged, with GDP's mu and epsilon as information (GDP is refused here: for q < 1 it "
+        metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv, pld or rdp (upper "
+                  "bounds). All three are logged, with GDP's mu and epsilon as information (GDP is refused here: for q < 1 it "
                   "is an approximation that can under-report).", "choices": list(ACCOUNTANTS)},
     )
     poisson_sampling: bool = field(

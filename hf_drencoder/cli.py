@@ -99,7 +99,7 @@ def _audit(argv: list[str]) -> None:
 COMMANDS = {
     "audit": (_audit, "empirical privacy audit: a lower bound on epsilon from canaries, checked against the accountant"),
     "demo": (_demo, "fine-tune the embedded MiniLM + LoRA privately on Reuters-R8; print accuracy and epsilon"),
-    "epsilon": (_epsilon, "epsilon under RDP, PRV and GDP for a noise multiplier, sample rate and number of steps"),
+    "epsilon": (_epsilon, "epsilon under RDP, PRV, PLD and GDP for a noise multiplier, sample rate and number of steps"),
     "federated": (_federated, "federated simulation with client-level DP on the embedded MiniLM + Reuters-R8"),
     "pretrain-codec": (_pretrain_codec, "stage 1: pre-train a gradient codec from private statistics"),
 }

@@ -106,6 +106,7 @@ def run_demo(demo_args: DemoArguments, train_args: DRTrainingArguments) -> dict:
         "accountant": report["accountant"],
         "epsilon_rdp": report["epsilon_rdp"],
         "epsilon_prv": report["epsilon_prv"],
+        "epsilon_pld": report["epsilon_pld"],
         "noise_multiplier": report["noise_multiplier"],
         "train_runtime_s": trainer.state.log_history[-2].get("train_runtime")
         if len(trainer.state.log_history) > 1 else None,
@@ -124,7 +125,7 @@ def format_result(r: dict) -> str:
         f"{r['dataset']} ({r['train_examples']} train / {r['test_examples']} test), {r['steps']} {kind} steps\n"
         f"  accuracy  {r['accuracy']:.4f}   macro-F1 {r['macro_f1']:.4f}\n"
         f"  epsilon   {r['epsilon']:.3f} ({r['accountant']}) at delta {r['delta']:.3g}{dp}; "
-        f"RDP {r['epsilon_rdp']:.3f}, PRV {r['epsilon_prv']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
+        f"RDP {r['epsilon_rdp']:.3f}, PRV {r['epsilon_prv']:.3f}, PLD {r['epsilon_pld']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
     )
 
 

@@ -112,7 +112,7 @@ def privacy_metadata(report: dict) -> dict:
         return {"enabled": False, "epsilon": math.inf}
     kind, count = _releases(report)
     keys = (
-        "epsilon", "accountant", "epsilon_prv", "epsilon_rdp", "epsilon_gdp", "mu_gdp", "delta", "noise_multiplier",
+        "epsilon", "accountant", "epsilon_prv", "epsilon_pld", "epsilon_rdp", "epsilon_gdp", "mu_gdp", "delta", "noise_multiplier",
         "sample_rate", "max_grad_norm", "clipping", "expected_batch_size", "target_epsilon",
         "codec_latent_ratio", "noise_space", "uplink_bytes", "uplink_ratio",
     )
@@ -163,6 +163,7 @@ def privacy_section(report: dict) -> str:
         "|---|---|",
         f"| ε ({accountant}, used for calibration and the budget) | {_fmt(eps)} |",
         f"| ε PRV (upper bound) | {_fmt(report.get('epsilon_prv'))} |",
+        f"| ε PLD (upper bound) | {_fmt(report.get('epsilon_pld'))} |",
         f"| ε RDP | {_fmt(report.get('epsilon_rdp'))} |",
         f"| ε GDP (CLT approximation for q < 1; may under-estimate) | {_fmt(report.get('epsilon_gdp'))} |",
         f"| μ GDP | {_fmt(report.get('mu_gdp'))} |",
@@ -190,7 +191,8 @@ def privacy_section(report: dict) -> str:
     history = report.get("history") or []
     if len(history) > 1:
         lines += ["", "Releases composed by the accountants, in order (σ, q, count):", ""]
-        lines += [f"- σ = {_fmt(float(s))}, q = {_fmt(float(q))}, {int(n)} times" for s, q, n in history]
+        lines += [f"- σ = {_fmt(float(h[0]))}, q = {_fmt(float(h[1]))}, {int(h[2])} times"
+                  + (f" ({int(h[4])} of {int(h[3])} without replacement)" if len(h) == 5 else "") for h in history]
     if ratio is not None:
         lines += [
             "",

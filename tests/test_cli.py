@@ -13,7 +13,7 @@ def test_epsilon_command_prints_all_accountants(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["epsilon_rdp"] == pytest.approx(7.3291, rel=0.01)
     assert out["epsilon_prv"] == pytest.approx(compute_epsilon([(1.5, 0.04, 2250)], 1e-5, "prv"))
-    assert set(out) == {"epsilon_rdp", "epsilon_prv", "epsilon_gdp", "mu_gdp"}
+    assert set(out) == {"epsilon_rdp", "epsilon_prv", "epsilon_pld", "epsilon_gdp", "mu_gdp"}
 
 
 def test_demo_runs_end_to_end_on_the_embedded_default(tmp_path, monkeypatch, capsys):

@@ -222,24 +222,63 @@ def test_a_failing_party_is_left_out_and_the_round_still_counts(tmp_path):
     assert torch.allclose(_adapter(sim), expected, atol=1e-6)
 
 
-def test_fixed_size_sampling_is_accounted_without_amplification_at_sensitivity_2c(tmp_path):
-    args = fed_args(tmp_path, party_sampling="fixed", parties_per_round=2, num_rounds=3, eval_every=0, noise_multiplier=3.0)
+def test_fixed_size_sampling_is_accounted_as_sampling_without_replacement(tmp_path):
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from hf_drencoder.privacy.accounting import RDP_ORDERS
+
+    args = fed_args(tmp_path, party_sampling="fixed", parties_per_round=2, num_rounds=3, eval_every=0,
+                    noise_multiplier=3.0, accountant="rdp")
     sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), args)
     history = sim.run()
     sampled = [h["parties"] for h in history]
     assert all(len(p) == 2 == len(set(p)) for p in sampled)  # exactly k distinct parties every round
-    # replace-one adjacency, no amplification: each round is the Gaussian mechanism with multiplier sigma / 2
-    assert sim.ledger.accountant.history == [(1.5, 1.0, 3)]
-    for acc in ("rdp", "prv", "gdp"):
-        assert sim.privacy_report()[f"epsilon_{acc}"] == pytest.approx(compute_epsilon([(1.5, 1.0, 3)], 1 / 6, acc), rel=1e-9)
-    # ... which is never less than the Poisson accounting at the same sigma and q would claim
-    assert sim.privacy_report()["epsilon_rdp"] > compute_epsilon([(3.0, 2 / 6, 3)], 1 / 6, "rdp")
-    assert sim.privacy_report()["neighbouring"] == "replace-one party" and sim.privacy_report()["sensitivity"] == 2.0
+    # replace-one adjacency, sensitivity 2C: each round is a sample of 2 of 6 without replacement at multiplier sigma / 2
+    assert sim.ledger.accountant.history == [(1.5, 2 / 6, 3, 6, 2)]
+    report = sim.privacy_report()
+    independent = RdpAccountant(orders=RDP_ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    independent.compose(dp_accounting.SampledWithoutReplacementDpEvent(6, 2, dp_accounting.GaussianDpEvent(1.5)), 3)
+    assert report["epsilon"] == report["epsilon_rdp"] == pytest.approx(independent.get_epsilon(1 / 6), rel=1e-9)
+    # amplification: below the bound without it (each round the Gaussian mechanism at sigma / 2, q = 1)
+    assert report["epsilon_rdp"] < compute_epsilon([(1.5, 1.0, 3)], 1 / 6, "rdp")
+    # no PRV, PLD or GDP analysis of this sampling: reported as unbounded, never as a small number
+    assert report["epsilon_prv"] == report["epsilon_pld"] == report["mu_gdp"] == math.inf
+    assert report["neighbouring"].startswith("replace-one party") and report["sensitivity"] == 2.0
+    assert report["sampling"] == "2 of 6 without replacement per release"
     # a target epsilon is met with the parties' sigma twice the accountant's
     target = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48),
                                  fed_args(tmp_path / "t", party_sampling="fixed", parties_per_round=2, num_rounds=3,
-                                          eval_every=0, noise_multiplier=None, target_epsilon=4.0))
+                                          eval_every=0, noise_multiplier=None, target_epsilon=4.0, accountant="rdp"))
     target._setup()
     assert target.server.noise_multiplier == target.ledger.noise_multiplier
-    assert target.ledger.accounted_noise_multiplier == pytest.approx(target.ledger.noise_multiplier / 2)
-    assert compute_epsilon([(target.ledger.accounted_noise_multiplier, 1.0, 3)], 1 / 6, "prv") <= 4.0
+    sigma = target.ledger.accounted_noise_multiplier
+    assert sigma == pytest.approx(target.ledger.noise_multiplier / 2)
+    assert 0.97 * 4.0 <= compute_epsilon([(sigma, 2 / 6, 3, 6, 2)], 1 / 6, "rdp") <= 4.0
+
+
+def test_fixed_size_sampling_needs_an_accountant_that_analyses_it(tmp_path):
+    for name in ("prv", "pld"):
+        with pytest.raises(ValueError, match="accountant='rdp'"):
+            fed_args(tmp_path, party_sampling="fixed", parties_per_round=2, accountant=name)
+    # all parties in every round is no sampling at all: the Gaussian mechanism at q = 1, which every accountant has
+    fed_args(tmp_path, party_sampling="fixed", parties_per_round=6, accountant="prv")
+
+
+def test_a_state_saved_when_fixed_size_was_accounted_without_amplification_resumes(tmp_path):
+    from hf_drencoder.federated.accounting import client_level_ledger
+
+    args = fed_args(tmp_path, party_sampling="fixed", parties_per_round=2, num_rounds=5, accountant="rdp")
+    ledger = client_level_ledger(args)
+    old = {"accountant": {"delta": 1 / 6, "accountant": "prv", "history": [[0.5, 1.0, 3]]}, "noise_multiplier": 1.0,
+           "sample_rate": 1.0, "max_grad_norm": 1.0, "unit": "party", "disabled": False, "prior_steps": 0,
+           "sensitivity": 2.0}
+    ledger.load_state_dict(old)
+    spent = ledger.metrics()["epsilon"]
+    assert spent == pytest.approx(compute_epsilon([(0.5, 1.0, 3)], 1 / 6, "rdp"))
+    ledger.record_step()  # the next round is a sample without replacement; the earlier ones stay as they were counted
+    assert ledger.accountant.history == [(0.5, 1.0, 3), (0.5, 2 / 6, 1, 6, 2)]
+    assert ledger.metrics()["epsilon"] > spent
+    # a Poisson state cannot continue as a fixed-size run
+    with pytest.raises(Exception, match="same sampling scheme|sensitivity"):
+        client_level_ledger(args).load_state_dict({**old, "sensitivity": 1.0, "sample_rate": 2 / 6})

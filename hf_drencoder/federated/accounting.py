@@ -14,6 +14,7 @@ from ..privacy.ledger import PrivacyLedger
 SERVER_ONLY_KEYS = ("parties", "received", "failed", "num_received", "uplink_bytes", "epsilon_server_view_busiest",
                     "round_time_s")
 
+FIXED_NEIGHBOURING = "replace-one party (the number of parties is public)"
 LOCAL_NEIGHBOURING = "zero-out one party's data (local DP at each party; who took part is not hidden from the server)"
 
 
@@ -21,10 +22,10 @@ def client_level_ledger(args) -> PrivacyLedger:
     """The client-level ledger of a federation with ``args`` (a :class:`FederatedArguments`).
 
     Poisson party sampling: (sigma, q) per round, add/remove-one party, sensitivity C (docs/federated.md).
-    Fixed-size sampling (exactly k parties without replacement): no analysis of amplification by that sampling
-    is implemented here, so each round is accounted as the Gaussian mechanism it is without sampling (q = 1),
-    under replace-one adjacency, where replacing one party's data moves sum/sqrt(k) by at most 2C (and by at
-    most C when it fails instead): the accountant gets sigma / 2.
+    Fixed-size sampling (exactly k of the n parties without replacement): replace-one adjacency (n is public), where
+    replacing one party's data moves sum/sqrt(k') by at most 2C (C when its message arrives in only one of the two
+    cases), so the accountant gets sigma / 2 for a release on k of n drawn without replacement, which dp-accounting's
+    RDP analysis amplifies (``accountant="rdp"``; PRV and PLD have no analysis of this sampling).
     """
     if is_local(args):
         # local DP at the party: each message alone is the Gaussian mechanism clip_C(u) + N(0, sigma^2 C^2) on that
@@ -35,13 +36,24 @@ def client_level_ledger(args) -> PrivacyLedger:
             noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon, unit="party",
             disabled=args.disable_dp, sensitivity=1.0, neighbouring=LOCAL_NEIGHBOURING,
         )
-    fixed = args.party_sampling == "fixed"
+    if is_fixed_size(args):
+        n, k = args.num_parties, int(args.parties_per_round)
+        return PrivacyLedger(
+            delta=args.delta, sample_rate=k / n, max_grad_norm=args.max_update_norm, accountant_name=args.accountant,
+            noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon, unit="party",
+            disabled=args.disable_dp, sensitivity=2.0, neighbouring=FIXED_NEIGHBOURING,
+            without_replacement=(n, k) if k < n else None,
+        )
     return PrivacyLedger(
-        delta=args.delta, sample_rate=1.0 if fixed else args.sample_rate, max_grad_norm=args.max_update_norm,
+        delta=args.delta, sample_rate=args.sample_rate, max_grad_norm=args.max_update_norm,
         accountant_name=args.accountant, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
-        unit="party", disabled=args.disable_dp, sensitivity=2.0 if fixed else 1.0,
-        neighbouring="replace-one party" if fixed else "add/remove one party",
+        unit="party", disabled=args.disable_dp, sensitivity=1.0, neighbouring="add/remove one party",
     )
+
+
+def is_fixed_size(args) -> bool:
+    """Whether ``args`` sample exactly ``parties_per_round`` parties without replacement each round."""
+    return getattr(args, "party_sampling", "poisson") == "fixed"
 
 
 def is_local(args) -> bool:
@@ -50,8 +62,11 @@ def is_local(args) -> bool:
 
 
 def accounting_rate(args) -> float:
-    """The sampling rate the accountant is given for a party's releases: q, or 1 without amplification."""
-    return 1.0 if is_local(args) or args.party_sampling == "fixed" else args.sample_rate
+    """The Poisson rate the accountant is given for a party's releases: q, or 1 without amplification (local DP).
+    Fixed-size sampling has no Poisson rate: its releases are recorded as samples without replacement."""
+    if is_fixed_size(args) and not is_local(args):
+        raise ValueError("fixed-size party sampling is accounted as sampling without replacement, not at a Poisson rate")
+    return 1.0 if is_local(args) else args.sample_rate
 
 
 def public_history(history: list[dict]) -> list[dict]:
@@ -96,6 +111,11 @@ def account_codec_prior(ledger: PrivacyLedger, codec, local: bool = False) -> No
         if local:
             # the prior's releases are re-accounted without amplification, like every release of a local run
             history = [(sigma, 1.0, steps) for sigma, _, steps in history]
+        elif ledger.neighbouring == FIXED_NEIGHBOURING:
+            # replace-one adjacency (fixed-size sampling): a Poisson release's add/remove analysis does not apply; the
+            # release itself, without amplification, is a Gaussian mechanism whose replace-one sensitivity is twice its
+            # add/remove one (the triangle inequality)
+            history = [(sigma / 2, 1.0, steps) for sigma, _, steps in history]
         ledger.record_prior_releases(history, source="codec stage 1")
 
 
@@ -130,5 +150,5 @@ def server_view_bound(stats_rounds: int, rounds: int, sigma: float, z: float, de
     return server_view_epsilon([rounds], [stats_rounds], sigma, z, delta, cache)
 
 
-__all__ = ["LOCAL_NEIGHBOURING", "SERVER_ONLY_KEYS", "account_codec_prior", "accounting_rate", "client_level_ledger",
-           "is_local", "public_history", "server_view_bound", "server_view_epsilon", "trust_report"]
+__all__ = ["FIXED_NEIGHBOURING", "LOCAL_NEIGHBOURING", "SERVER_ONLY_KEYS", "account_codec_prior", "accounting_rate",
+           "client_level_ledger", "is_fixed_size", "is_local", "public_history", "server_view_bound", "server_view_epsilon", "trust_report"]

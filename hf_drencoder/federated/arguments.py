@@ -25,9 +25,10 @@ class FederatedArguments:
         max_update_norm: C, the L2 bound on each party's update (local adapter - global adapter), flat over
             all trainable LoRA tensors.
         party_sampling: ``poisson`` (each party joins a round independently with rate q, the default) or
-            ``fixed`` (exactly ``parties_per_round`` parties drawn without replacement). ``fixed`` is accounted
-            without amplification by sampling, under replace-one adjacency with sensitivity 2C: each round as a
-            Gaussian mechanism with multiplier sigma / 2 at q = 1 (docs/federated.md). Much costlier in epsilon.
+            ``fixed`` (exactly ``parties_per_round`` parties drawn without replacement). ``fixed`` is analysed under
+            replace-one adjacency (sensitivity 2C, the number of parties public): each round is a sample of k of n
+            without replacement with multiplier sigma / 2, accounted by dp-accounting's RDP bound for that sampling,
+            so it needs ``accountant="rdp"`` (docs/federated.md). Costlier in epsilon than Poisson.
         parties_per_round: parties per round (expected, with poisson); q = parties_per_round / num_parties.
         noise_calibration: ``distributed`` (the default) calibrates each party's noise for the aggregate: the
             epsilon reported is amplified by party sampling and relies on every sampled party adding its noise
@@ -46,7 +47,7 @@ class FederatedArguments:
     label_column: str | None = field(default=None, metadata={"help": "Column the Dirichlet split is made by (default: labels, else label)."})
     partition_seed: int = field(default=0, metadata={"help": "Seed of the split of the data among parties."})
     num_rounds: int = field(default=30, metadata={"help": "Training rounds planned (the noise is calibrated for them)."})
-    party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: exactly parties_per_round parties, accounted without amplification (replace-one, sensitivity 2C; see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
+    party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: exactly parties_per_round parties without replacement, accounted under replace-one adjacency (sensitivity 2C) by dp-accounting's RDP bound for sampling without replacement; needs accountant=rdp (see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
     noise_calibration: str = field(default="distributed", metadata={"help": "distributed: each party's noise is calibrated for the aggregate sum/sqrt(k); the epsilon is amplified by party sampling and holds only if every sampled party adds its noise, which the server cannot check (see docs/federated.md, trust model). local: each party's noise is calibrated for its own message alone (local DP at the party, accounted at q = 1 with no amplification); a party's guarantee then depends on no one else, at the price of far more noise for the same epsilon.", "choices": list(NOISE_CALIBRATIONS)})
     parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
     local_steps: int = field(default=5, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
@@ -58,7 +59,7 @@ class FederatedArguments:
     target_epsilon: float | None = field(default=None, metadata={"help": "Client-level budget epsilon. Set exactly one of target_epsilon and noise_multiplier."})
     noise_multiplier: float | None = field(default=None, metadata={"help": "Noise std of each party's message as a multiple of max_update_norm."})
     target_delta: float | None = field(default=None, metadata={"help": "delta of the guarantee; default 1/num_parties, larger values are refused."})
-    accountant: str = field(default="prv", metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv or rdp (upper bounds); GDP is logged as information.", "choices": list(ACCOUNTANTS)})
+    accountant: str = field(default="prv", metadata={"help": "Accountant for calibration, the budget stop and the headline epsilon: prv, pld or rdp (upper bounds; party_sampling=fixed needs rdp); GDP is logged as information.", "choices": list(ACCOUNTANTS)})
     disable_dp: bool = field(default=False, metadata={"help": "Non-private FedAvg through the same code path (no clipping, no noise, epsilon = inf)."})
     codec: str | None = field(default=None, metadata={"help": "A codec folder or Hub id, or 'auto' (stage 1 from the parties). Default: send the noised update itself."})
     codec_latent_ratio: float = field(default=1 / 64, metadata={"help": "Latent size over update size for codec='auto'."})
@@ -111,6 +112,9 @@ class FederatedArguments:
         if self.party_sampling == "fixed":
             if self.parties_per_round != int(self.parties_per_round):
                 raise ValueError(f"party_sampling='fixed' needs a whole parties_per_round, got {self.parties_per_round}")
+            if self.noise_calibration == "distributed" and self.parties_per_round < self.num_parties and not self.disable_dp:
+                # the rounds are samples without replacement: only accountants with that analysis may count them
+                check_accountant(self.accountant, without_replacement=True)
             if self.codec == "auto":
                 raise ValueError(
                     "codec='auto' runs stage-1 statistics rounds, which are accounted for Poisson sampling only: use "

@@ -174,7 +174,7 @@ def run_federated(data_args: FederatedDataArguments, fed_args: FederatedArgument
         "num_parties": fed_args.num_parties, "expected_parties_per_round": sim.expected_parties, "rounds": sim.round,
         "accuracy": last.get("eval_accuracy"), "macro_f1": last.get("eval_macro_f1", last.get("eval_f1")),
         "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"], "epsilon_prv": report["epsilon_prv"],
-        "mu_gdp": report["mu_gdp"], "delta": report["delta"], "accountant": report["accountant"],
+        "epsilon_pld": report["epsilon_pld"], "mu_gdp": report["mu_gdp"], "delta": report["delta"], "accountant": report["accountant"],
         "noise_multiplier": report["noise_multiplier"], "epsilon_server_view": report["epsilon_server_view"],
         "noise_calibration": report["noise_calibration"],
         "uplink_bytes_per_message": last.get("uplink_bytes_per_party"),
@@ -202,7 +202,7 @@ def format_result(r: dict) -> str:
         f"round), {r['rounds']} rounds\n"
         f"  accuracy  {acc}\n"
         f"  client-level epsilon {r['epsilon']:.3f} ({r['accountant']}) at delta {r['delta']:.3g}; RDP {r['epsilon_rdp']:.3f}, "
-        f"PRV {r['epsilon_prv']:.3f}, mu-GDP {r['mu_gdp']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
+        f"PRV {r['epsilon_prv']:.3f}, PLD {r['epsilon_pld']:.3f}, mu-GDP {r['mu_gdp']:.3f}; noise multiplier {r['noise_multiplier']:.4f}\n"
         f"  against the server (per-message view, a party in every round): epsilon {r['epsilon_server_view']:.3f}\n"
         f"  noise calibrated {_CALIBRATION_WORDS.get(r['noise_calibration'], r['noise_calibration'])}\n"
         f"  uplink {r['uplink_bytes_per_message']} bytes per message\n"

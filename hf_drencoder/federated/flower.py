@@ -8,7 +8,8 @@ at (sigma, q) before anything is sent, exactly as :class:`~hf_drencoder.federate
 one process. docs/scaling.md ("Federation with Flower") has what runs where and what crosses the network.
 The ClientApp is in :mod:`.flower_party`, what both sides share in :mod:`.flower_common`.
 
-A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``) points at two objects built here::
+A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``; ``examples/flower-app/`` is a complete one)
+points at two objects built here::
 
     from hf_drencoder.federated.flower import FlowerParty, server_app
 
@@ -23,6 +24,7 @@ context)`` the tokenized training rows of one party. Run it with ``flwr run`` on
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -58,10 +60,10 @@ class ClientLevelDPStrategy(Strategy):
     them as the population (sorted node ids; more nodes are left out with a warning). In every round each party
     of the population joins independently with probability q = parties_per_round / num_parties
     (:meth:`FederatedServer.sample_parties`), whether it is online or not, or exactly ``parties_per_round`` of
-    them with ``party_sampling="fixed"`` (accounted without amplification, see :func:`.accounting.client_level_ledger`).
+    them with ``party_sampling="fixed"`` (sampling without replacement, see :func:`.accounting.client_level_ledger`).
     Flower's own samplers are not used. A sampled party that does not answer within
     ``round_timeout`` seconds, or answers with an error or a malformed message, is left out of the round; the
-    round is counted all the same, at (sigma, q), before any message is sent.
+    round is counted all the same, at (sigma, q) (or k of n), before any message is sent.
 
     Aggregation and decoding are :meth:`FederatedServer.aggregate_round` (``sum / sqrt(k)``, a server-drawn
     phantom message when k = 0, ``decode(R / sqrt(q N))``). Per round the strategy logs epsilon (every
@@ -200,9 +202,9 @@ class ClientLevelDPStrategy(Strategy):
             "round_time_s": time.perf_counter() - self._t0,
         }
         self.history.append(record)
-        logger.info("round %d: %d/%d parties answered, epsilon %.4g (rdp %.4g, prv %.4g), uplink %d bytes", self.round,
-                    len(messages), len(self._sampled), metrics["epsilon"], metrics["epsilon_rdp"], metrics["epsilon_prv"],
-                    record["uplink_bytes"])
+        logger.info("round %d: %d/%d parties answered, epsilon %.4g (rdp %.4g, prv %.4g, pld %.4g), uplink %d bytes",
+                    self.round, len(messages), len(self._sampled), metrics["epsilon"], metrics["epsilon_rdp"],
+                    metrics["epsilon_prv"], metrics["epsilon_pld"], record["uplink_bytes"])
         # what the round returns may reach the user's logs: nothing in it depends on who took part
         numbers = {k: float(v) for k, v in record.items() if k not in SERVER_ONLY_KEYS
                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -287,11 +289,13 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
 
     ``args`` default: :func:`federated_args_from_config` of the run config. ``round_timeout`` (default: the run
     config's ``round-timeout``, else 600 s) is how long a round waits for the sampled parties.
-    ``evaluate_fn(model, round) -> dict`` evaluates the global adapter on the server after each round.
+    ``evaluate_fn(model, round) -> dict`` (or ``evaluate_fn(model, round, context)``, with the ServerApp's Flower
+    context and so its run config) evaluates the global adapter on the server after each round.
     Writes ``privacy_report.json`` and ``federated_history.json`` after every round, and the adapter
     (``save_pretrained``) at the end.
     """
     app = ServerApp()
+    with_context = evaluate_fn is not None and _positional_parameters(evaluate_fn) >= 3
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -311,7 +315,10 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
 
         def after_round(rnd: int, arrays: ArrayRecord):
             set_global(arrays)
-            res = {k: float(v) for k, v in evaluate_fn(model, rnd).items()} if evaluate_fn is not None else None
+            res = None
+            if evaluate_fn is not None:
+                res = {k: float(v) for k, v in (evaluate_fn(model, rnd, context) if with_context else
+                                                 evaluate_fn(model, rnd)).items()}
             if res:
                 strategy.history[-1].update(res)
             _write_json(a.output_dir, HISTORY_NAME, public_history(strategy.history))
@@ -326,6 +333,13 @@ def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, pe
         _write_json(a.output_dir, REPORT_NAME, strategy.privacy_report())
 
     return app
+
+
+def _positional_parameters(fn: Callable) -> int:
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _write_json(folder: str, name: str, obj) -> None:
