@@ -82,8 +82,8 @@ def white_box(tmp, epsilon, seed, m, steps, real_epsilon=None):
     factor = 1.0 if real_epsilon is None else calibrate_noise_multiplier(real_epsilon, DELTA, 1.0, steps, "prv") / sigma
 
     def build(train):
-        args = _args(tmp, steps, 16, 1e-2, noise_multiplier=sigma, noise_seed=1000 + seed, lora_r=26,
-                     lora_target_modules=["query", "value"])
+        args = _args(tmp, steps, 16, 1e-2, noise_multiplier=sigma, noise_seed=1000 + seed, default_lora_r=26,
+                     default_lora_target_modules=["query", "value"])
         return DRTrainer(model=white_box_model(), args=args, train_dataset=train)
 
     original = GaussianGradientMechanism.noise_std
@@ -128,7 +128,7 @@ def black_box(tmp, task, epsilon, m, steps, batch=64):
     privacy = dict(disable_dp=True) if epsilon is None else dict(target_epsilon=epsilon)
 
     def build(data):
-        args = _args(tmp, steps, batch, 1e-2, lora_target_modules=["query", "value"], noise_seed=0, **privacy)
+        args = _args(tmp, steps, batch, 1e-2, default_lora_target_modules=["query", "value"], noise_seed=0, **privacy)
         return DRTrainer(model=make_model(), args=args, train_dataset=data)
 
     start = time.perf_counter()

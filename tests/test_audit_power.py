@@ -232,7 +232,7 @@ def audit(tmp_path, seed, real_epsilon, monkeypatch):
 
     def build(train):
         args = dr_args(tmp_path, target_delta=DELTA, max_steps=1, logging_steps=100, noise_multiplier=sigma,
-                       noise_seed=100 + seed, lora_r=48, lora_target_modules=["query", "value"])
+                       noise_seed=100 + seed, default_lora_r=48, default_lora_target_modules=["query", "value"])
         return DRTrainer(model=make_model(), args=args, train_dataset=train)
 
     res = run_audit(build, make_cls_dataset(n=32), num_canaries=M, direction="dirac", seed=seed, check=False)
