@@ -61,7 +61,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             is accepted and gets the privacy settings: target_epsilon=8 unless the environment says otherwise
             (``HF_DRENCODER_*``), delta=1/N, C=1, PRV accountant, Poisson sampling.
         peft_config: a ``peft.LoraConfig`` to wrap a plain model with.
-        codec: a :class:`~hf_drencoder.codec.GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
+        codec: a `GradientCodec`, a path or Hub id of a saved one, or ``"auto"``
             (stage 1 on the training data before training); overrides ``args.codec``. See docs/codec.md.
 
     Every other argument is Trainer's.

@@ -153,7 +153,10 @@ def test_a_hook_that_steps_inside_backward_is_refused_before_any_update(tmp_path
     args = dr_args(tmp_path, learning_rate=0.0, noise_multiplier=1e6)
     trainer = DRTrainer(model=model, args=args, train_dataset=lm_dataset)
     params = [p for p in model.parameters() if p.requires_grad]
-    params[0].register_post_accumulate_grad_hook(lambda p: p.data.add_(p.grad, alpha=-1.0))
+    def step_in_backward(p):  # what a layer-wise optimizer does: update on the raw gradient
+        p.data.add_(p.grad, alpha=-1.0)
+
+    params[0].register_post_accumulate_grad_hook(step_in_backward)
     before = _adapter(model)
     with pytest.raises(ValueError, match="gradient hooks"):
         trainer.train()

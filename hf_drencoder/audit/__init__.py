@@ -9,16 +9,16 @@ probability 1 - confidence (docs/audit.md).
 
 One file per job:
 
-* :mod:`.estimator` -- the mathematics: the p-value and the bound of the paper, the guess rule, the noise check
+* `.estimator` -- the mathematics: the p-value and the bound of the paper, the guess rule, the noise check
   (pure functions of numbers);
-* :mod:`.estimator_fdp` -- the Gaussian-DP bound (the whole trade-off curve, after Mahloujifar, Melis and
+* `.estimator_fdp` -- the Gaussian-DP bound (the whole trade-off curve, after Mahloujifar, Melis and
   Chaudhuri 2024), used for every-step gradient canaries;
-* :mod:`.canaries` -- gradient canaries (white box, inserted through the mechanism's ``add_per_sample``) and
+* `.canaries` -- gradient canaries (white box, inserted through the mechanism's ``add_per_sample``) and
   input canaries (black box, training rows scored by the final model's loss);
-* :mod:`.central` -- :func:`run_audit`, one DRTrainer run;
-* :mod:`.federated` -- :func:`run_federated_audit`, canary parties in a FederatedSimulation;
-* :mod:`.result` -- :class:`AuditResult`, the verdict and its explanation;
-* :mod:`.command` -- ``hf-drencoder audit``.
+* `.central` -- `run_audit`, one DRTrainer run;
+* `.federated` -- `run_federated_audit`, canary parties in a FederatedSimulation;
+* `.result` -- `AuditResult`, the verdict and its explanation;
+* `.command` -- ``hf-drencoder audit``.
 """
 
 from .canaries import GradientCanaries, input_canary_scores, make_input_canaries

@@ -71,15 +71,15 @@ def run_audit(
             codec, hooks). It is called once, with ``train_dataset`` (gradient canaries) or with ``train_dataset``
             plus the included input canaries; the audit calls ``train()``.
         canary_type: ``gradient`` (white box) or ``input`` (black box).
-        canary_dataset: input canaries to use instead of :func:`make_input_canaries`' random ones (same columns).
+        canary_dataset: input canaries to use instead of `make_input_canaries`' random ones (same columns).
         confidence: the bound holds with at least this probability (1 - beta). Every-step gradient canaries are
-            tested with the Gaussian-DP bound (:mod:`~.estimator_fdp`) against the mu the ledger's noise
-            multipliers give them; other canaries with the (epsilon, delta) bound (:mod:`~.estimator`).
-        guesses: (k+, k-) candidates; default :func:`~.estimator.guesses_for`: one pair fixed in advance from
-            10^4 canaries on, else :func:`~.estimator.default_guess_grid`, paid for with a Bonferroni correction.
-        check: raise :class:`PrivacyAuditError` when the lower bound exceeds the accountant's epsilon, or (gradient
+            tested with the Gaussian-DP bound (`estimator_fdp`) against the mu the ledger's noise
+            multipliers give them; other canaries with the (epsilon, delta) bound (`estimator`).
+        guesses: (k+, k-) candidates; default `guesses_for`: one pair fixed in advance from
+            10^4 canaries on, else `default_guess_grid`, paid for with a Bonferroni correction.
+        check: raise `PrivacyAuditError` when the lower bound exceeds the accountant's epsilon, or (gradient
             canaries) when the released noise is measurably below the accounted noise.
-        noise_check_level: level of that noise test (:func:`~.estimator.noise_check`); the run's false-alarm
+        noise_check_level: level of that noise test (`noise_check`); the run's false-alarm
             probability is at most ``1 - confidence + noise_check_level``.
     """
     if canary_type not in CANARY_TYPES:

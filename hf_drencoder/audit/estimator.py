@@ -8,9 +8,9 @@ guesses, v of them correct. If the mechanism is (eps, delta)-DP with respect to 
     P[v correct or more] <= P[Bin(r, q) >= v] + 2 m delta max_{i=1..v} P[v - i <= Bin(r, q) < v] / i,
     q = e^eps / (1 + e^eps)                                                   (their Theorem 5.2, Appendix D)
 
-:func:`audit_p_value` is that right-hand side; :func:`epsilon_lower_bound` is the largest eps it rejects at
-level beta. :func:`noise_check` is a separate white-box test of the released noise scale. For canaries whose
-privacy is that of a Gaussian mechanism, :mod:`.estimator_fdp` tests the whole trade-off curve instead (tighter).
+`audit_p_value` is that right-hand side; `epsilon_lower_bound` is the largest eps it rejects at
+level beta. `noise_check` is a separate white-box test of the released noise scale. For canaries whose
+privacy is that of a Gaussian mechanism, `.estimator_fdp` tests the whole trade-off curve instead (tighter).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05
 def default_guess_grid(m: int) -> list[tuple[int, int]]:
     """Candidate (k+, k-) pairs: r = 100%, 90%, ..., 30%, 25%, 20%, 15%, 10%, 5% of the m canaries, split evenly between IN and OUT
     or all IN (input canaries are usually recognised as members, seldom as non-members). Trying K candidates
-    costs a Bonferroni factor K on beta, which :func:`lower_bound_from_scores` applies."""
+    costs a Bonferroni factor K on beta, which `lower_bound_from_scores` applies."""
     grid = []
     for frac in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05):
         r = int(round(m * frac))
@@ -119,7 +119,7 @@ def lower_bound_from_scores(
 ) -> GuessOutcome:
     """The one-run audit's bound from canary scores (higher = more likely a member) and the true membership.
 
-    Every (k+, k-) in ``guesses`` (default :func:`default_guess_grid`) is tried at level
+    Every (k+, k-) in ``guesses`` (default `default_guess_grid`) is tried at level
     (1 - confidence) / len(guesses), and the best is returned: by the union bound the returned epsilon is a
     lower bound with probability >= ``confidence``. Give one pair to avoid the correction.
     """
@@ -153,7 +153,7 @@ FIXED_GUESS_FRACTION = 0.016
 def guesses_for(m: int) -> list[tuple[int, int]]:
     """The (k+, k-) candidates a run with m canaries tries by default: one fixed pair, k+ = k- =
     ``FIXED_GUESS_FRACTION * m``, from ``FIXED_GUESS_MIN_CANARIES`` canaries on (no Bonferroni cost: with many
-    canaries the best fraction hardly moves); the :func:`default_guess_grid` below that."""
+    canaries the best fraction hardly moves); the `default_guess_grid` below that."""
     if m >= FIXED_GUESS_MIN_CANARIES:
         k = max(1, int(round(FIXED_GUESS_FRACTION * m)))
         return [(k, k)]
@@ -162,7 +162,7 @@ def guesses_for(m: int) -> list[tuple[int, int]]:
 
 @dataclass
 class NoiseCheck:
-    """What :func:`noise_check` measured: ``ratio`` is the released noise scale over the accounted one
+    """What `noise_check` measured: ``ratio`` is the released noise scale over the accounted one
     (>= 1 up to chance for a correct mechanism: the released signal only adds to it)."""
 
     ratio: float
@@ -199,9 +199,9 @@ def noise_check(sum_squares: Sequence[float], dims: int, sigmas: Sequence[float]
 def expected_gaussian_bound(m: int, mu: float, delta: float, beta: float = 0.05, seed: int = 0,
                             guesses: Sequence[tuple[int, int]] | None = None, method: str = "eps_delta") -> float:
     """The bound an ideal audit reaches on a mu-GDP mechanism: m scores N(mu * included, 1), guessed with
-    :func:`guesses_for`. What the audit can show at best for a correct Gaussian mechanism (its ceiling).
+    `guesses_for`. What the audit can show at best for a correct Gaussian mechanism (its ceiling).
     ``method``: ``eps_delta`` (the (eps, delta) bound of this module) or ``gdp`` (the epsilon at ``delta`` of the
-    GDP bound of :mod:`.estimator_fdp`)."""
+    GDP bound of `.estimator_fdp`)."""
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
     scores = rng.normal(0.0, 1.0, m) + mu * included

@@ -1,7 +1,7 @@
 """The one-run bound for a mechanism family given by a trade-off curve (f-DP), here Gaussian DP: pure functions of
 numbers, after Mahloujifar, Melis and Chaudhuri (2024, "Auditing f-Differential Privacy in One Run").
 
-Setting (the same game as :mod:`.estimator`): m canaries, each included independently with probability 1/2; the
+Setting (the same game as `.estimator`): m canaries, each included independently with probability 1/2; the
 auditor makes exactly r guesses (the k+ highest scores IN, the k- lowest OUT) and gets C of them right. The
 hypothesis tested is that the run is f-DP with respect to every canary (whatever the other canaries do):
 telling "canary i in" from "canary i out" from the run's output, any test with false-positive rate a has
@@ -21,10 +21,10 @@ That maximum is found in closed form: moving all mass of {C >= v} to C = v only 
 total mass that satisfies (*) is reached by taking each Y_i as small as (*) allows, from i = v - 1 down to 0
 (the total mass and every X_j increase with every Y_i), that is Y_i = max(Y_{i+1}, fbar^-1(X_{i+1})) and
 X_i = X_{i+1} + i/(r - i) (Y_i - Y_{i+1}). tau is possible iff that least mass is at most 1
-(:func:`fdp_minimal_mass`), and the possible tau form an interval [0, tau*]: :func:`fdp_p_value` is tau*.
+(`fdp_minimal_mass`), and the possible tau form an interval [0, tau*]: `fdp_p_value` is tau*.
 
-:func:`gdp_mu_lower_bound` is the largest mu that the observation rejects at level beta: with probability at
-least 1 - beta, the run is not mu'-GDP with respect to its canaries for any mu' below it. :func:`gdp_epsilon_at`
+`gdp_mu_lower_bound` is the largest mu that the observation rejects at level beta: with probability at
+least 1 - beta, the run is not mu'-GDP with respect to its canaries for any mu' below it. `gdp_epsilon_at`
 turns mu into the epsilon at delta of the mu-GDP trade-off curve (Dong, Roth and Su 2019), for comparison.
 """
 
@@ -110,7 +110,7 @@ def fdp_p_value(m: int, r: int, v: int, power_inverse, tol: float = 1e-12) -> fl
 
 
 def gdp_p_value(m: int, r: int, v: int, mu: float) -> float:
-    """:func:`fdp_p_value` for mu-GDP."""
+    """`fdp_p_value` for mu-GDP."""
     if not (mu >= 0):
         raise ValueError(f"mu must be >= 0, got {mu}")
     return fdp_p_value(m, r, v, lambda p: gdp_power_inverse(p, mu))
@@ -174,9 +174,9 @@ def gdp_bound_from_scores(
     confidence: float = 0.95,
     guesses: Sequence[tuple[int, int]] | None = None,
 ) -> GDPOutcome:
-    """:func:`gdp_mu_lower_bound` from canary scores (higher = more likely a member) and the true membership, with
-    the guess rule of :func:`~.estimator.lower_bound_from_scores`: every (k+, k-) in ``guesses`` (default
-    :func:`~.estimator.guesses_for`) is tested at level (1 - confidence) / len(guesses) and the best is returned,
+    """`gdp_mu_lower_bound` from canary scores (higher = more likely a member) and the true membership, with
+    the guess rule of `lower_bound_from_scores`: every (k+, k-) in ``guesses`` (default
+    `guesses_for`) is tested at level (1 - confidence) / len(guesses) and the best is returned,
     so the returned mu is a lower bound with probability >= ``confidence`` (union bound)."""
     from .estimator import count_correct, guesses_for
 

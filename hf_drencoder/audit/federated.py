@@ -37,7 +37,7 @@ class FederatedCanaries(_Canaries):
     An included canary is a party whose update is a fixed unit direction u_i (in the flat LoRA update space,
     where the parties clip and add noise) scaled to ``scale * max_update_norm``. When it takes part in a
     round it sends what a real party sends: ``encode_message(privatize_update(update, C, sigma, its own
-    generator))`` from :mod:`hf_drencoder.federated.party` (clipped to C, its own N(0, sigma^2 C^2) noise,
+    generator))`` from `hf_drencoder.federated.party` (clipped to C, its own N(0, sigma^2 C^2) noise,
     encoded with the federation's codec). Its message is added to the round's messages before
     ``FederatedServer.aggregate_round`` runs, so it counts in k of R = sum / sqrt(k) like any party.
 
@@ -49,8 +49,8 @@ class FederatedCanaries(_Canaries):
         observe: ``release`` (the aggregate before decoding: R itself without a codec, the latent aggregate
             with one, scored against the encoded directions) or ``update`` (the decoded update the server
             applies, scored against u_i).
-        direction: as in :class:`GradientCanaries`.
-        scale: as in :class:`GradientCanaries`.
+        direction: as in `GradientCanaries`.
+        scale: as in `GradientCanaries`.
         seed: sets membership, directions and the Poisson draws (the canaries' noise comes from the
             federation's ``noise_seed``, or OS entropy).
     """
@@ -145,15 +145,15 @@ def run_federated_audit(
     check: bool = True,
 ) -> AuditResult:
     """Run a federation once with canary parties and return the audit's lower bound next to the client-level
-    accountant's epsilon (see :class:`FederatedCanaries` for the canaries and what is compared).
+    accountant's epsilon (see `FederatedCanaries` for the canaries and what is compared).
 
     Args:
-        simulation: a fresh :class:`~hf_drencoder.federated.FederatedSimulation` built as the user builds
+        simulation: a fresh `FederatedSimulation` built as the user builds
             theirs (model, arguments, codec), or a function of no arguments that returns one. The audit calls
             ``run()``.
-        confidence: as in :func:`run_audit`.
-        guesses: as in :func:`run_audit`.
-        check: as in :func:`run_audit`.
+        confidence: as in `run_audit`.
+        guesses: as in `run_audit`.
+        check: as in `run_audit`.
     """
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")

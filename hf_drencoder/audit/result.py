@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 class PrivacyAuditError(RuntimeError):
     """The audit measured more privacy loss than the accountant reports: a bug or a wrong accounting.
-    ``result`` holds the :class:`AuditResult`."""
+    ``result`` holds the `AuditResult`."""
 
     def __init__(self, message: str, result: "AuditResult | None" = None):
         super().__init__(message)
@@ -37,9 +37,9 @@ def comparison_note(canary_type: str, sampling: str, eps_canary: float, eps_repo
 def verdict(lower_bound: float, eps_canary: float, confidence: float, noise=None,
             mu_bound: float | None = None, mu_canary: float | None = None) -> tuple[bool, str]:
     """(passed, message). FAIL when the bound exceeds the canaries' epsilon, or when the released noise is
-    measurably smaller than the accounted noise (``noise``: a :class:`~.estimator.NoiseCheck` or None).
+    measurably smaller than the accounted noise (``noise``: a `NoiseCheck` or None).
 
-    With ``mu_bound`` and ``mu_canary`` (the Gaussian-DP bound, :mod:`.estimator_fdp`) the bound is a test of
+    With ``mu_bound`` and ``mu_canary`` (the Gaussian-DP bound, `.estimator_fdp`) the bound is a test of
     "the canaries' releases are ``mu_canary``-GDP", which is what the ledger's noise multipliers claim: FAIL when
     ``mu_bound > mu_canary``; ``lower_bound`` is then the epsilon at delta of ``mu_bound``, shown for reading."""
     gdp = mu_bound is not None and mu_canary is not None

@@ -14,7 +14,7 @@ Decoder. For ``y = g + n``, ``g ~ N(mu, Sigma)``, ``n ~ N(0, s^2 I)`` the poster
 with ``Sigma = diag(var) + V V^T`` (``V`` the temporal directions). It is computed exactly through
 Woodbury's identity in O(dim * r + k * r^2). ``s`` is the per-coordinate noise std of ``y`` (``sigma C / B``
 for a DP mean gradient; ``None`` or 0 for a clean one). An optional learned residual (``decoder="mlp"``)
-is trained on prior samples by :func:`pretrain_codec` and only switched on if it beats this baseline on
+is trained on prior samples by `pretrain_codec` and only switched on if it beats this baseline on
 held-out synthetic data.
 
 Temporal prior, AR(1) form (``temporal_rho``, the default of ``pretrain-codec``). Every coordinate follows
@@ -135,9 +135,9 @@ class GradientCodec(
     tags=["hf-drencoder", "lora", "gradient-compression", "dr-encoder"],
     paper_url="https://arxiv.org/abs/2412.17053",
 ):
-    """Encoder/decoder of LoRA gradients for one :class:`LoraLayout`.
+    """Encoder/decoder of LoRA gradients for one `LoraLayout`.
 
-    Build one with :func:`~hf_drencoder.codec.pretrain_codec` (from a prior) or :meth:`from_prior`; share it
+    Build one with `pretrain_codec` (from a prior) or `from_prior`; share it
     with ``save_pretrained`` / ``push_to_hub``; load it with ``from_pretrained(path, model=peft_model)``,
     which refuses a codec made for another LoRA layout.
 
@@ -163,11 +163,11 @@ class GradientCodec(
         decoder: ``"mmse"`` (linear, exact for Gaussian priors) or ``"mlp"`` (MMSE plus a learned residual).
         hidden_size: width of the residual MLP.
         seed: seed of the tie-breaking among equal prior variances.
-        pretrain_report: held-out losses recorded by :func:`pretrain_codec`.
+        pretrain_report: held-out losses recorded by `pretrain_codec`.
         stage1_privacy: where the prior came from, for the privacy ledger of whoever trains with the codec:
             ``{"history": [[sigma, q, releases], ...], "unit": "example"}`` when it was built from privatised
-            statistics (:func:`build_prior` records this; :class:`DRTrainer` adds the history to its accountant),
-            ``{"public": True, "reason": ...}`` after :meth:`mark_public`, ``None`` when unknown (refused for
+            statistics (`build_prior` records this; `DRTrainer` adds the history to its accountant),
+            ``{"public": True, "reason": ...}`` after `mark_public`, ``None`` when unknown (refused for
             training on private data: the prior may encode it).
     """
 
@@ -332,7 +332,7 @@ class GradientCodec(
 
     # layout checks ----------------------------------------------------------------------------------------
     def check_layout(self, model_or_layout) -> None:
-        """Raise :class:`LayoutMismatchError` unless the codec was made for this model's LoRA layout."""
+        """Raise `LayoutMismatchError` unless the codec was made for this model's LoRA layout."""
         other = model_or_layout if isinstance(model_or_layout, LoraLayout) else LoraLayout.from_model(model_or_layout)
         self.layout.check_compatible(other, what="codec", against="model")
 

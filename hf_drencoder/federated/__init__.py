@@ -1,8 +1,8 @@
 """Federated mode: N parties train one LoRA adapter with client-level differential privacy.
 
-Reading order: :mod:`.partition` (the parties' data), :mod:`.party` (local training, clip, local noise,
-encode), :mod:`.server` (sampling, aggregation, decoding), :mod:`.simulation` (rounds, accounting, resume),
-:mod:`.cli` (``hf-drencoder federated``). docs/federated.md has the privacy argument.
+Reading order: `.partition` (the parties' data), `.party` (local training, clip, local noise,
+encode), `.server` (sampling, aggregation, decoding), `.simulation` (rounds, accounting, resume),
+`.cli` (``hf-drencoder federated``). docs/federated.md has the privacy argument.
 """
 
 from .arguments import FederatedArguments

@@ -19,7 +19,7 @@ LOCAL_NEIGHBOURING = "zero-out one party's data (local DP at each party; who too
 
 
 def client_level_ledger(args) -> PrivacyLedger:
-    """The client-level ledger of a federation with ``args`` (a :class:`FederatedArguments`).
+    """The client-level ledger of a federation with ``args`` (a `FederatedArguments`).
 
     Poisson party sampling: (sigma, q) per round, add/remove-one party, sensitivity C (docs/federated.md).
     Fixed-size sampling (exactly k of the n parties without replacement): replace-one adjacency (n is public), where
@@ -141,7 +141,7 @@ def server_view_epsilon(participation, stats_participation, sigma: float, z: flo
 
 
 def server_view_bound(stats_rounds: int, rounds: int, sigma: float, z: float, delta: float, cache=None) -> float:
-    """The public counterpart of :func:`server_view_epsilon`: epsilon against the server of a party that sent a
+    """The public counterpart of `server_view_epsilon`: epsilon against the server of a party that sent a
     message in every one of ``stats_rounds`` statistics and ``rounds`` training rounds. It bounds every party's
     exposure and depends on no sample (the exposure of the busiest actual party would tell whether anyone took
     part; it stays in the server's state)."""

@@ -15,7 +15,7 @@ LOCAL_OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class FederatedArguments:
-    """Arguments of :class:`~hf_drencoder.federated.FederatedSimulation`.
+    """Arguments of `FederatedSimulation`.
 
     Privacy (the unit protected is one PARTY, i.e. all rows of one party's dataset):
         target_epsilon / noise_multiplier: exactly one (or ``disable_dp``). With ``target_epsilon`` the noise

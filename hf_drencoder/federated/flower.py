@@ -1,12 +1,12 @@
 """The federated mode on Flower: one party per SuperNode (a ClientApp), the server step in a Strategy.
 
-Nothing here re-implements privacy. The ClientApp runs the party step of :mod:`.party` (local training from
+Nothing here re-implements privacy. The ClientApp runs the party step of `.party` (local training from
 the global adapter, clip to C, add N(0, sigma^2 C^2 I) from the party's own generator, encode) and sends only
-that message. :class:`ClientLevelDPStrategy` runs the server step of :mod:`.server` (Poisson sampling of the
-parties, ``sum / sqrt(k)``, decode) and counts each round in a :class:`~hf_drencoder.privacy.PrivacyLedger`
-at (sigma, q) before anything is sent, exactly as :class:`~hf_drencoder.federated.FederatedSimulation` does in
+that message. `ClientLevelDPStrategy` runs the server step of `.server` (Poisson sampling of the
+parties, ``sum / sqrt(k)``, decode) and counts each round in a `PrivacyLedger`
+at (sigma, q) before anything is sent, exactly as `FederatedSimulation` does in
 one process. docs/scaling.md ("Federation with Flower") has what runs where and what crosses the network.
-The ClientApp is in :mod:`.flower_party`, what both sides share in :mod:`.flower_common`.
+The ClientApp is in `.flower_party`, what both sides share in `.flower_common`.
 
 A Flower App (``pyproject.toml`` with ``[tool.flwr.app.components]``; ``examples/flower-app/`` is a complete one)
 points at two objects built here::
@@ -59,17 +59,17 @@ class ClientLevelDPStrategy(Strategy):
     Sampling: before the first round the strategy waits until ``num_parties`` nodes are connected and fixes
     them as the population (sorted node ids; more nodes are left out with a warning). In every round each party
     of the population joins independently with probability q = parties_per_round / num_parties
-    (:meth:`FederatedServer.sample_parties`), whether it is online or not, or exactly ``parties_per_round`` of
-    them with ``party_sampling="fixed"`` (sampling without replacement, see :func:`.accounting.client_level_ledger`).
+    (`FederatedServer.sample_parties`), whether it is online or not, or exactly ``parties_per_round`` of
+    them with ``party_sampling="fixed"`` (sampling without replacement, see `.accounting.client_level_ledger`).
     Flower's own samplers are not used. A sampled party that does not answer within
     ``round_timeout`` seconds, or answers with an error or a malformed message, is left out of the round; the
     round is counted all the same, at (sigma, q) (or k of n), before any message is sent.
 
-    Aggregation and decoding are :meth:`FederatedServer.aggregate_round` (``sum / sqrt(k)``, a server-drawn
+    Aggregation and decoding are `FederatedServer.aggregate_round` (``sum / sqrt(k)``, a server-drawn
     phantom message when k = 0, ``decode(R / sqrt(q N))``). Per round the strategy logs epsilon (every
     accountant), the uplink bytes and the parties, and it stops before a round the budget does not allow.
     The parties seed their noise themselves: no seed is ever sent to them (``args.noise_seed`` seeds only the
-    server's own draw when k = 0). ``history`` is the server's own record; :func:`.accounting.public_history`
+    server's own draw when k = 0). ``history`` is the server's own record; `.accounting.public_history`
     of it, and the metrics a round returns, carry nothing that depends on who took part.
     """
 
@@ -261,7 +261,7 @@ class ClientLevelDPStrategy(Strategy):
         return server_view_bound(0, self.round, self.ledger.noise_multiplier, 0.0, self.args.delta)
 
     def server_view_epsilon(self) -> float:
-        """epsilon of the most exposed party against the server (see :func:`.accounting.server_view_epsilon`):
+        """epsilon of the most exposed party against the server (see `.accounting.server_view_epsilon`):
         server-only, it tells whether anyone took part."""
         if not self.dp_enabled:
             return math.inf
@@ -285,9 +285,9 @@ class ClientLevelDPStrategy(Strategy):
 # ---- the ServerApp ------------------------------------------------------------------------------------------------
 def server_app(model_fn: Callable, args: FederatedArguments | None = None, *, peft_config=None, codec=None,
                evaluate_fn: Callable | None = None, round_timeout: float | None = None) -> ServerApp:
-    """A ServerApp that runs :class:`ClientLevelDPStrategy` and writes the result to ``args.output_dir``.
+    """A ServerApp that runs `ClientLevelDPStrategy` and writes the result to ``args.output_dir``.
 
-    ``args`` default: :func:`federated_args_from_config` of the run config. ``round_timeout`` (default: the run
+    ``args`` default: `federated_args_from_config` of the run config. ``round_timeout`` (default: the run
     config's ``round-timeout``, else 600 s) is how long a round waits for the sampled parties.
     ``evaluate_fn(model, round) -> dict`` (or ``evaluate_fn(model, round, context)``, with the ServerApp's Flower
     context and so its run config) evaluates the global adapter on the server after each round.

@@ -1,5 +1,5 @@
 """What the Flower ServerApp and ClientApp share: the Flower import, the record names of the messages, the run
-config and a ready codec. :mod:`.flower` has the strategy and the ServerApp, :mod:`.flower_party` the ClientApp."""
+config and a ready codec. `.flower` has the strategy and the ServerApp, `.flower_party` the ClientApp."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ MESSAGE_SEED_KEYS = ("noise-seed", "noise_seed")
 
 # ---- configuration ----------------------------------------------------------------------------------------
 def federated_args_from_config(run_config: Mapping | None, **overrides) -> FederatedArguments:
-    """:class:`FederatedArguments` from a Flower run config (``[tool.flwr.app.config]`` and ``flwr run
+    """`FederatedArguments` from a Flower run config (``[tool.flwr.app.config]`` and ``flwr run
     --run-config``): keys are field names with ``-`` or ``_`` (``noise-multiplier=1.0``); list fields take a
     comma-separated string. Keys that are not fields are left to the user's app. ``overrides`` win."""
     fields = {f.name: f for f in dataclasses.fields(FederatedArguments)}
@@ -61,7 +61,7 @@ def _convert(value, annotation: str):
 
 
 def _lora_defaults(run_config: Mapping | None) -> dict:
-    """The LoRA settings of :class:`FederatedArguments` read from a run config (a ClientApp does not need,
+    """The LoRA settings of `FederatedArguments` read from a run config (a ClientApp does not need,
     and may not have, the privacy settings that validating a whole FederatedArguments requires)."""
     fields = {f.name: f for f in dataclasses.fields(FederatedArguments)}
     out = {k: fields[k].default for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}

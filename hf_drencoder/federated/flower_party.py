@@ -1,4 +1,4 @@
-"""The party on Flower: one SuperNode is one party (a ClientApp) and runs the party step of :mod:`.party`.
+"""The party on Flower: one SuperNode is one party (a ClientApp) and runs the party step of `.party`.
 
 What leaves the party is its noised, encoded update, or a fixed code when it sends none (``party-error``: it
 failed; ``party-refused``: its own privacy guard refused the round). The exception's text, which can quote the
@@ -130,7 +130,7 @@ class FlowerParty:
         return None if seed is None or seed == "" else int(seed)
 
     def train(self, msg: Message, context: Context) -> Message:
-        """One round on this party: the party step of :mod:`.party`. The reply holds only its message, or a
+        """One round on this party: the party step of `.party`. The reply holds only its message, or a
         fixed code (``party-error``, ``party-refused``) with the full reason in this party's log."""
         pid = context.node_config.get("partition-id", "?")
         try:

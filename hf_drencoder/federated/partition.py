@@ -80,7 +80,7 @@ def partition_indices(
 
 def partition_dataset(dataset, num_parties: int, scheme: str = "iid", alpha: float = 0.5, label_column=None, seed: int = 0,
                       min_size: int = 1) -> list:
-    """The parties' datasets (``dataset.select`` of :func:`partition_indices`)."""
+    """The parties' datasets (``dataset.select`` of `partition_indices`)."""
     return [dataset.select(idx) for idx in partition_indices(dataset, num_parties, scheme, alpha, label_column, seed, min_size)]
 
 

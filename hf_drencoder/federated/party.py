@@ -1,6 +1,6 @@
 """The party step: local training from the global adapter, then clip -> noise -> encode, all on the party.
 
-Nothing un-noised leaves a party: :func:`privatize_update` clips the update to C and adds N(0, sigma^2 C^2 I)
+Nothing un-noised leaves a party: `privatize_update` clips the update to C and adds N(0, sigma^2 C^2 I)
 drawn from the party's own generator, so each message alone is a Gaussian mechanism with noise multiplier
 sigma on that party's data, whoever reads it (the server included). The functions take and return plain
 tensors so that a transport other than this process (e.g. Flower) can call them.
@@ -86,7 +86,7 @@ def encode_message(noised: torch.Tensor, codec=None, noise_std: float | None = N
 
 def statistics_message(update: torch.Tensor, layout: LoraLayout, max_norm: float, noise_multiplier: float,
                        noise_seed: int | None, parts: Sequence[str] = PARTS) -> torch.Tensor:
-    """Stage 1 on one party: the party's update is one "sample" of :class:`StatisticsAccumulator`, clipped to
+    """Stage 1 on one party: the party's update is one "sample" of `StatisticsAccumulator`, clipped to
     C and released with that class's noise (multiplier ``noise_multiplier`` on the joint scaled vector of
     ``parts``), locally. Returns the released parts concatenated in canonical order."""
     acc = StatisticsAccumulator(layout, max_norm, noise_multiplier, sample_rate=1.0, dataset_size=1, parts=parts,

@@ -90,7 +90,7 @@ class FederatedServer:
         sample_rate: Poisson sampling: each party joins a round independently with this probability.
         max_norm: C, the clipping norm of every party's update.
         noise_multiplier: sigma of every party's message (0: no DP; the server then averages ``sum / k``).
-        codec: a linear :class:`~hf_drencoder.codec.GradientCodec` or None.
+        codec: a linear `GradientCodec` or None.
         sampling_seed: seed of the sampling; None draws one from OS entropy. It is secret like the noise
             (amplification by sampling assumes nobody knows who took part), so it is never written to a state.
         noise_seed: seed of the server's own noise draws (the k = 0 case); None: OS entropy.

@@ -59,10 +59,10 @@ class FederatedSimulation:
             from ``args.lora_*``). Only adapter tensors may be trainable.
         train_dataset: a tokenized ``datasets.Dataset`` (model inputs and ``labels``); it is split among
             ``args.num_parties`` parties by ``args.partition`` unless ``partitions`` (row indices per party) is given.
-        args: :class:`FederatedArguments`.
+        args: `FederatedArguments`.
         eval_dataset: evaluated on the global adapter every ``args.eval_every`` rounds.
         compute_metrics: takes an ``EvalPrediction``, as Trainer's does.
-        codec: a :class:`~hf_drencoder.codec.GradientCodec`, a folder or Hub id, ``"auto"`` (stage 1 from the
+        codec: a `GradientCodec`, a folder or Hub id, ``"auto"`` (stage 1 from the
             parties), or None (default: ``args.codec``). Its encoder must be linear.
         data_collator: turns a list of rows into a batch (default ``transformers.default_data_collator``).
 
@@ -349,7 +349,7 @@ class FederatedSimulation:
     # ---- privacy report -----------------------------------------------------------------------------------
     def server_view_epsilon(self) -> float:
         """epsilon of the most exposed party against the server, which reads every message (see
-        :func:`.accounting.server_view_epsilon`)."""
+        `.accounting.server_view_epsilon`)."""
         if not self.dp_enabled:
             return math.inf
         return server_view_epsilon(self.participation.tolist(), self.stats_participation.tolist(),
@@ -358,7 +358,7 @@ class FederatedSimulation:
 
     def server_view_bound(self) -> float:
         """epsilon against the server of a party that sent a message in every round so far: a bound on every
-        party's exposure that does not depend on who took part (see :func:`.accounting.server_view_bound`)."""
+        party's exposure that does not depend on who took part (see `.accounting.server_view_bound`)."""
         if not self.dp_enabled:
             return math.inf
         return server_view_bound(self._statistics_rounds(), self.round, self.ledger.noise_multiplier,

@@ -419,7 +419,7 @@ def calibrate_noise_multiplier(
     Bisection on sigma, the same search opacus' ``get_noise_multiplier`` runs, but over the whole history so
     that an earlier release (stage-1 statistics) is paid for out of the same budget. With
     ``without_replacement=(n, k)`` the releases are samples of exactly k of n (``sample_rate`` = k / n). Raises
-    :class:`PrivacyBudgetError` when no sigma can do it.
+    `PrivacyBudgetError` when no sigma can do it.
     """
     check_accountant(accountant, without_replacement is not None)
     if target_epsilon <= 0:

@@ -10,8 +10,8 @@ moves the clipped sum) are refused before training:
 - left padding with absolute position embeddings, where adding a longer row shifts every other row's positions
   (2.8 C measured on GPT-Neo).
 
-The first two are recognised from the model, the collator and the arguments (:func:`check_up_front`); anything
-else is looked for by a numeric guard (:func:`check_example_independence`): per-example losses of a few real
+The first two are recognised from the model, the collator and the arguments (`check_up_front`); anything
+else is looked for by a numeric guard (`check_example_independence`): per-example losses of a few real
 rows must not change when one row is removed from the batch. Everything here only reads the model and the data.
 """
 
@@ -238,7 +238,7 @@ def _padded_length(batch) -> int | None:
 
 
 def _tolerance(model: torch.nn.Module) -> tuple[float, float]:
-    """(rtol, atol): :data:`RTOL` / :data:`ATOL` for fp32 weights; weights stored in 16-bit floats round their
+    """(rtol, atol): `RTOL` / `ATOL` for fp32 weights; weights stored in 16-bit floats round their
     activations at their own epsilon (the loss is then computed in fp32 from those logits), so 2 eps of that type."""
     eps = max((torch.finfo(p.dtype).eps for p in model.parameters() if p.is_floating_point()), default=0.0)
     return max(RTOL, 2 * eps), max(ATOL, 2 * eps * ATOL / RTOL)
@@ -262,7 +262,7 @@ def check_example_independence(
 ) -> dict:
     """Refuse if removing one row of a small real batch changes another row's loss.
 
-    ``rows`` are training rows (row 0 the longest, see :func:`probe_rows`), ``collate`` the trainer's collator,
+    ``rows`` are training rows (row 0 the longest, see `probe_rows`), ``collate`` the trainer's collator,
     ``loss_fn(batch)`` the trainer's per-example losses ``[B]``. The losses are computed in eval mode (dropout
     off) under ``torch.no_grad``, for all rows, without row 0 (the longest: the padded length changes), and
     without the shortest other row; every remaining row's loss must stay within ``rtol`` (relative) plus ``atol``. The
