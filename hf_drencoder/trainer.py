@@ -28,7 +28,6 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import is_datasets_available
 
 from .arguments import SWAP_IN_DEFAULTS, DRArgumentsMixin, DRTrainingArguments
 from .callbacks import PrivacyCallback, load_privacy_state
@@ -206,12 +205,6 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
         if not self.args.poisson_sampling:
             return super().get_train_dataloader()
         n = self._check_train_dataset()
-        dataset, collator = self.train_dataset, self.data_collator
-        is_hf_dataset = False
-        if is_datasets_available():
-            import datasets
-
-            is_hf_dataset = isinstance(dataset, datasets.Dataset)
         self._set_signature_columns_if_needed()
         signature = list(self._signature_columns)
         if self._grouped:
@@ -219,10 +212,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             # takes it out of every row before the collator and the model see it
             self._signature_columns = signature + [self.args.group_by_column]
         try:
-            if is_hf_dataset:
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+            dataset, collator = self._model_rows_and_collator()
         finally:
             self._signature_columns = signature
         common = dict(

@@ -205,17 +205,21 @@ class _PreflightMixin:
                 HOPELESS_NOISE_RATIO,
             )
 
-    def _check_example_independence(self) -> None:
-        """Refuse examples that influence each other's loss (see privacy/coupling.py): a few real rows, collated as
-        ``get_train_dataloader`` does, must keep their per-example losses when one row leaves the batch."""
+    def _model_rows_and_collator(self):
+        """The training set and collator as the model sees them: Trainer's unused columns removed (from the
+        dataset when it is a ``datasets.Dataset``, by the collator otherwise)."""
         dataset, collator = self.train_dataset, self.data_collator
         if is_datasets_available():
             import datasets
 
             if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+                return self._remove_unused_columns(dataset, description="training"), collator
+        return dataset, self._get_collator_with_removed_columns(collator, description="training")
+
+    def _check_example_independence(self) -> None:
+        """Refuse examples that influence each other's loss (see privacy/coupling.py): a few real rows, collated as
+        ``get_train_dataloader`` does, must keep their per-example losses when one row leaves the batch."""
+        dataset, collator = self._model_rows_and_collator()
         check_up_front(self.model, collator, self.args)
         if self._hooks is not None:
             raise RuntimeError("the example-independence check must run before opacus hooks are attached")

@@ -8,7 +8,6 @@ import logging
 import os
 
 import torch
-from transformers.utils import is_datasets_available
 
 from .callbacks import CODEC_DIR
 from .privacy.accounting import PrivacyBudgetError
@@ -83,14 +82,7 @@ class _CodecMixin:
         from .codec import collect_gradient_statistics
         from .privacy.accounting import PrivacyAccountant
 
-        dataset, collator = self.train_dataset, self.data_collator
-        if is_datasets_available():
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+        dataset, collator = self._model_rows_and_collator()
         device = self.args.device
 
         def collate(rows):

@@ -110,6 +110,17 @@ def count_correct(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus
     return k_plus + k_minus, correct
 
 
+def checked_scores(scores, included) -> tuple[np.ndarray, np.ndarray]:
+    """Canary scores and membership as arrays, refused unless 1-d, of one length, and finite."""
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    if scores.shape != included.shape or scores.ndim != 1:
+        raise ValueError("scores and included must be 1-d and of the same length")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("canary scores must be finite (a NaN score would be ranked arbitrarily)")
+    return scores, included
+
+
 def lower_bound_from_scores(
     scores: Sequence[float],
     included: Sequence[bool],
@@ -123,12 +134,7 @@ def lower_bound_from_scores(
     (1 - confidence) / len(guesses), and the best is returned: by the union bound the returned epsilon is a
     lower bound with probability >= ``confidence``. Give one pair to avoid the correction.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    included = np.asarray(included, dtype=bool)
-    if scores.shape != included.shape or scores.ndim != 1:
-        raise ValueError("scores and included must be 1-d and of the same length")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("canary scores must be finite (a NaN score would be ranked arbitrarily)")
+    scores, included = checked_scores(scores, included)
     m = len(scores)
     grid = list(guesses) if guesses is not None else default_guess_grid(m)
     if not grid:

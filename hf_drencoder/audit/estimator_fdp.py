@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Sequence
 
-import numpy as np
 
 _N = NormalDist()
 
@@ -178,14 +177,9 @@ def gdp_bound_from_scores(
     the guess rule of `lower_bound_from_scores`: every (k+, k-) in ``guesses`` (default
     `guesses_for`) is tested at level (1 - confidence) / len(guesses) and the best is returned,
     so the returned mu is a lower bound with probability >= ``confidence`` (union bound)."""
-    from .estimator import count_correct, guesses_for
+    from .estimator import checked_scores, count_correct, guesses_for
 
-    scores = np.asarray(scores, dtype=np.float64)
-    included = np.asarray(included, dtype=bool)
-    if scores.shape != included.shape or scores.ndim != 1:
-        raise ValueError("scores and included must be 1-d and of the same length")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("canary scores must be finite (a NaN score would be ranked arbitrarily)")
+    scores, included = checked_scores(scores, included)
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     m = len(scores)

@@ -10,7 +10,6 @@ training run's ledger (``DRTrainer`` does it); the card says so.
 
 from __future__ import annotations
 
-import math
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -21,13 +20,9 @@ _MAX_ROWS = 24
 
 
 def _fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
+    from ..hub import _fmt as fmt  # one formatting for both cards
+
+    return fmt(x, digits)
 
 
 def _stage1_epsilons(history, delta) -> dict:
