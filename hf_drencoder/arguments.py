@@ -334,6 +334,12 @@ def _field_default(name: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+def _annotation(name: str) -> str:
+    """The field's declared type as written (``"float | None"``). Not ``Field.type``: HfArgumentParser rewrites
+    that in place (``float``), which would lose what an environment value must be parsed as."""
+    return str(DRArgumentsMixin.__annotations__[name])
+
+
 def _parse_env_value(name: str, text, annotation: str):
     if not isinstance(text, str):
         return text  # from a JSON/YAML file: already typed
@@ -380,7 +386,7 @@ def environment_overrides() -> dict:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{path}: unknown privacy settings {', '.join(unknown)}; known: {', '.join(fields)}")
-        out.update({k: _parse_env_value(k, v, str(fields[k].type)) for k, v in values.items()})
+        out.update({k: _parse_env_value(k, v, _annotation(k)) for k, v in values.items()})
     for var, text in os.environ.items():
         if not var.startswith(ENV_PREFIX) or var in _OTHER_ENV:
             continue
@@ -390,7 +396,7 @@ def environment_overrides() -> dict:
                 f"{var} is not a privacy setting. Known: {', '.join(ENV_PREFIX + n.upper() for n in fields)} (and "
                 f"{CONFIG_ENV}); Trainer's own settings come from your script's arguments"
             )
-        out[name] = _parse_env_value(name, text, str(fields[name].type))
+        out[name] = _parse_env_value(name, text, _annotation(name))
     return out
 
 

@@ -101,7 +101,12 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             if hasattr(args, "activation_checkpointing"):
                 args.activation_checkpointing = False
         if model is None:
-            raise ValueError("DRTrainer needs a model")
+            raise ValueError(f"{type(self).__name__} needs a model")
+        if isinstance(model, (str, os.PathLike)):
+            raise ValueError(
+                f"{type(self).__name__} needs a model object, not the name {os.fspath(model)!r}: load it first (e.g. "
+                "AutoModelForCausalLM.from_pretrained(name)), so that its adapter is set up and checked before training"
+            )
         self._wrapped_plain_model = not isinstance(model, PeftModel) and peft_config is None
         model = wrap_with_lora(
             model, peft_config, r=args.default_lora_r, alpha=args.default_lora_alpha, dropout=args.default_lora_dropout,
