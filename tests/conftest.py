@@ -23,6 +23,23 @@ def make_tiny_llama(seed=0):
     return LlamaForCausalLM(cfg)
 
 
+def make_tiny_tokenizer():
+    """A word-level tokenizer (<pad>, <eos>, <unk>, user, assistant, :, w0 ... w99) with a chat template that marks
+    the assistant turns for TRL's assistant-only loss; no Hub access."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(100)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        " <eos>{% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+    )
+    return fast
+
+
 def make_tiny_bert(seed=0, num_labels=3):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainingArguments
 
-from conftest import dr_args, make_cls_dataset, make_lm_dataset
+from conftest import dr_args, make_cls_dataset, make_lm_dataset, make_tiny_tokenizer
 from hf_drencoder import DRTrainer, DRTrainingArguments, make_private
 from hf_drencoder.losses import infer_task
 from hf_drencoder.privacy import compute_epsilon
@@ -205,21 +205,6 @@ def test_a_subclass_compute_loss_is_refused_but_the_privatised_classs_own_is_not
         Mine(model=_model("t5"), args=args, train_dataset=_seq2seq_dataset())
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(100)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} : {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
-        " <eos>{% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
-    )
-    return fast
-
-
 @pytest.mark.parametrize("kind", ["text", "chat"])
 def test_trl_sft_trainer_made_private(tmp_path, kind):
     trl = pytest.importorskip("trl")
@@ -239,7 +224,7 @@ def test_trl_sft_trainer_made_private(tmp_path, kind):
     DRSFTTrainer = make_private(trl.SFTTrainer)
     model = _model("llama")
     model.config.pad_token_id = 0
-    trainer = DRSFTTrainer(model=model, args=config, train_dataset=data, processing_class=_tiny_tokenizer())
+    trainer = DRSFTTrainer(model=model, args=config, train_dataset=data, processing_class=make_tiny_tokenizer())
     assert isinstance(trainer.args, trl.SFTConfig) and trainer.args.gradient_checkpointing is False
     trainer.train()
     assert trainer.privacy_report()["steps"] == 2
@@ -253,7 +238,7 @@ def test_trl_packing_is_refused(tmp_path):
                            packing=True, max_length=16, gradient_checkpointing=False, use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="packing"):
         make_private(trl.SFTTrainer)(model=_model("llama"), args=config, train_dataset=data,
-                                     processing_class=_tiny_tokenizer())
+                                     processing_class=make_tiny_tokenizer())
 
 
 # ---- user-level privacy ----
