@@ -74,7 +74,7 @@ class AuditArguments:
     canary_type: str = field(default="gradient", metadata={"help": "gradient (white box) or input (black box).",
                                                            "choices": list(CANARY_TYPES)})
     num_canaries: int = field(default=0, metadata={
-        "help": f"m: canaries, each included with probability 1/2. 0 (default): one for each of 90% of the noised "
+        "help": f"m: canaries, each included with probability 1/2. 0 (default): one for each of 90%% of the noised "
                 f"coordinates (the rest measure the noise), up to {AUTO_CANARIES['dirac']:,} Dirac canaries "
                 f"({AUTO_CANARIES['random']:,} random ones; 256 input canaries or canary parties). Time grows with "
                 "canaries x noised dimension: 50,000 Dirac canaries on a 53,635-dimensional adapter take about 20 s "
