@@ -23,7 +23,8 @@ import time
 
 NONPRIVATE = ["--disable_dp", "true", "--max_length", "64", "--default_lora_target_modules", "query", "value",
               "--per_device_train_batch_size", "64", "--max_physical_batch_size", "64", "--max_steps", "90",
-              "--learning_rate", "1e-2", "--lr_scheduler_type", "linear"]
+              "--learning_rate", "1e-2", "--lr_scheduler_type", "linear",
+              "--per_sample_max_grad_norm", "1.0"]
 
 
 def run(extra: list[str]) -> dict:

@@ -92,6 +92,11 @@ def suggest_hyperparameters(n_examples: int, target_epsilon: float, example_budg
     6. **Memory:** ``max_physical_batch_size`` = min(B, 256): a Poisson draw above it runs as several passes
        summed into the same step (memory only; the analysis is unchanged).
 
+    The clipping norm is left to the caller (the trainer's default is 1): with AdamW, which is invariant to the
+    scale of its gradient, C only matters relative to the per-example gradient norms. On the R8 held-out split C
+    = 0.1 scored a little better than 1 (0.826 / 0.377 against 0.813 / 0.356, within the standard error); the demo
+    uses 0.1.
+
     Raises:
         ValueError: for ``n_examples < 1``, ``example_budget < 1``, a ``delta`` outside (0, 1) or the ``gdp``
             accountant.
