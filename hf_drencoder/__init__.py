@@ -8,6 +8,7 @@ from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
 from .federated import FederatedArguments, FederatedSimulation
 from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
+from .recipe import suggest_hyperparameters
 from .trainer import DRTrainer, PrivateTrainerMixin, make_private
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "PrivacyAccountant",
     "PrivacyBudgetError",
     "PrivacyCallback",
+    "suggest_hyperparameters",
     "__version__",
 ]
