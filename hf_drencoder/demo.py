@@ -21,7 +21,7 @@ from .trainer import DRTrainer
 logger = logging.getLogger(__name__)
 
 # The DP recipe of `hf_drencoder.recipe.suggest_hyperparameters` for R8 at epsilon 8 (expected batch 1088, 20 steps,
-# constant AdamW lr 5e-2), on a model cut to what 2 CPU cores can train at that batch in the demo's 5 minutes: 32
+# constant AdamW lr 2e-2), on a model cut to what 2 CPU cores can train at that batch in the demo's 5 minutes: 32
 # tokens, LoRA on query and value of the top two encoder layers only (the four lower layers stay frozen, so the
 # backward pass stops there). The learning rate, the layers and the clipping norm (0.1) were picked on a held-out 15% of
 # the TRAIN split, never the test split (benchmarks/demo_recipe.py); docs/benchmarks.md has the measured figures.
