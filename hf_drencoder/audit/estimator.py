@@ -121,6 +121,25 @@ def checked_scores(scores, included) -> tuple[np.ndarray, np.ndarray]:
     return scores, included
 
 
+def best_guess(scores, included, guesses, default_grid, bound, confidence: float):
+    """The guess rule both bounds share: every (k+, k-) in ``guesses`` (default ``default_grid(m)``) is scored by
+    ``bound(m, r, v, beta)`` at level beta = (1 - confidence) / len(guesses) (union bound), and the best is
+    returned as ``(k+, k-, r, v, value, number tried)``."""
+    scores, included = checked_scores(scores, included)
+    m = len(scores)
+    grid = list(guesses) if guesses is not None else default_grid(m)
+    if not grid:
+        raise ValueError("no (k+, k-) candidates to try")
+    beta = (1.0 - confidence) / len(grid)
+    best = None
+    for k_plus, k_minus in grid:
+        r, v = count_correct(scores, included, k_plus, k_minus)
+        value = bound(m, r, v, beta)
+        if best is None or value > best[4]:
+            best = (k_plus, k_minus, r, v, value, len(grid))
+    return best
+
+
 def lower_bound_from_scores(
     scores: Sequence[float],
     included: Sequence[bool],
@@ -134,19 +153,11 @@ def lower_bound_from_scores(
     (1 - confidence) / len(guesses), and the best is returned: by the union bound the returned epsilon is a
     lower bound with probability >= ``confidence``. Give one pair to avoid the correction.
     """
-    scores, included = checked_scores(scores, included)
-    m = len(scores)
-    grid = list(guesses) if guesses is not None else default_guess_grid(m)
-    if not grid:
-        raise ValueError("no (k+, k-) candidates to try")
-    beta = (1.0 - confidence) / len(grid)
-    best = None
-    for k_plus, k_minus in grid:
-        r, v = count_correct(scores, included, k_plus, k_minus)
-        eps = epsilon_lower_bound(m, r, v, delta, beta)
-        if best is None or eps > best.epsilon_lower_bound:
-            best = GuessOutcome(k_plus, k_minus, r, v, eps, len(grid))
-    return best
+    k_plus, k_minus, r, v, eps, tried = best_guess(
+        scores, included, guesses, default_guess_grid,
+        lambda m, r, v, beta: epsilon_lower_bound(m, r, v, delta, beta), confidence,
+    )
+    return GuessOutcome(k_plus, k_minus, r, v, eps, tried)
 
 
 # For many canaries the audit guesses on a fixed fraction of them, chosen in advance (so no correction is paid):

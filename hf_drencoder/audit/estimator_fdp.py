@@ -177,20 +177,12 @@ def gdp_bound_from_scores(
     the guess rule of `lower_bound_from_scores`: every (k+, k-) in ``guesses`` (default
     `guesses_for`) is tested at level (1 - confidence) / len(guesses) and the best is returned,
     so the returned mu is a lower bound with probability >= ``confidence`` (union bound)."""
-    from .estimator import checked_scores, count_correct, guesses_for
+    from .estimator import best_guess, checked_scores, guesses_for
 
-    scores, included = checked_scores(scores, included)
+    checked_scores(scores, included)
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    m = len(scores)
-    grid = list(guesses) if guesses is not None else guesses_for(m)
-    if not grid:
-        raise ValueError("no (k+, k-) candidates to try")
-    beta = (1.0 - confidence) / len(grid)
-    best = None
-    for k_plus, k_minus in grid:
-        r, v = count_correct(scores, included, k_plus, k_minus)
-        mu = gdp_mu_lower_bound(m, r, v, beta) if r else 0.0
-        if best is None or mu > best.mu_lower_bound:
-            best = GDPOutcome(k_plus, k_minus, r, v, mu, len(grid))
-    return best
+    return GDPOutcome(*best_guess(
+        scores, included, guesses, guesses_for,
+        lambda m, r, v, beta: gdp_mu_lower_bound(m, r, v, beta) if r else 0.0, confidence,
+    ))
