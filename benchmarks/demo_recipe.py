@@ -35,7 +35,10 @@ def lora_modules(top_layers: int, num_layers: int = 6) -> list[str]:
     return [f"layer.{i}.attention.self.{m}" for i in range(num_layers - top_layers, num_layers) for m in ("query", "value")]
 
 
-def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsilon, max_eval, clip=1.0) -> dict:
+def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsilon, max_eval, clip=1.0,
+            options: dict | None = None) -> dict:
+    """One configuration trained on the 85% and scored on the held-out 15%; ``options`` are further
+    DRTrainingArguments fields (e.g. ``lora_freeze_a=True``)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_drencoder import DRTrainer, DRTrainingArguments
@@ -54,7 +57,7 @@ def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsil
             output_dir=out, target_epsilon=target_epsilon, per_sample_max_grad_norm=clip, seed=0, data_seed=0,
             noise_seed=0, logging_steps=5, save_strategy="no", eval_strategy="no", per_device_eval_batch_size=128,
             report_to="none", disable_tqdm=True, default_lora_r=8, default_lora_alpha=16,
-            default_lora_target_modules=lora_modules(top_layers), **fields)
+            default_lora_target_modules=lora_modules(top_layers), **fields, **(options or {}))
         trainer = DRTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=held,
                             processing_class=tokenizer, compute_metrics=classification_compute_metrics())
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .privacy.accounting import ACCOUNTANTS, check_accountant
-from .privacy.clipping import CLIPPING_MODES
+from .privacy.clipping import CLIPPING_MODES, DEFAULT_CLIPPING_GAMMA
 
 NOISE_SPACES = ("gradient", "latent")
 PRIVACY_UNITS = ("example", "group")
@@ -49,7 +49,12 @@ class DRArgumentsMixin:
         accountant: prv | pld | rdp, used to calibrate, for the budget stop and the headline ``epsilon``. GDP (an
             approximation for q < 1, not an upper bound) is refused here and logged as information.
         poisson_sampling: sample each example independently with rate q = expected global batch / N.
-        clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)).
+        clipping: flat (whole gradient) | per_layer (each tensor to C / sqrt(#tensors)) | automatic (each gradient
+            scaled by C / (norm + clipping_gamma): norm < C for every example).
+        lora_freeze_a: FFA-LoRA: the LoRA A matrices stay at their initialisation; only B (and the head) are
+            trained, clipped, noised and released.
+        dp_adam_bias_correction / dp_adam_gamma: DP-AdamBC, AdamW with the noise variance subtracted from its
+            second moment (post-processing).
         noise_seed: seed of the noise generator (default: fresh OS entropy; set it only for tests). It is never
             written into saved arguments, checkpoints or the Hub.
         max_physical_batch_size: the most rows one forward/backward pass holds; a larger Poisson draw is split
@@ -116,8 +121,34 @@ class DRArgumentsMixin:
     )
     clipping: str = field(
         default="flat",
-        metadata={"help": "flat: clip each example's whole gradient to C; per_layer: clip each tensor to C/sqrt(P).",
+        metadata={"help": "flat: clip each example's whole gradient to C; per_layer: clip each tensor to C/sqrt(P); "
+                  "automatic: scale each example's gradient by C / (norm + clipping_gamma) (automatic clipping: every "
+                  "example gets norm just under C, the sensitivity is still C).",
                   "choices": list(CLIPPING_MODES)},
+    )
+    clipping_gamma: float = field(
+        default=DEFAULT_CLIPPING_GAMMA,
+        metadata={"help": "clipping='automatic': gamma in C / (norm + gamma), > 0. Gradients with norm well above gamma "
+                  "are scaled to norm ~C, smaller ones proportionally less."},
+    )
+    lora_freeze_a: bool = field(
+        default=False,
+        metadata={"help": "FFA-LoRA: keep every LoRA A matrix at its random initialisation and train (and release) only "
+                  "B and the classification head: about half the released dimensions, so the same noise multiplier "
+                  "puts noise in half as many coordinates. A depends on the initialisation seed, not on the data; it "
+                  "is saved with the adapter."},
+    )
+    dp_adam_bias_correction: bool = field(
+        default=False,
+        metadata={"help": "DP-AdamBC: AdamW whose second-moment estimate has the known noise variance "
+                  "(noise_multiplier * C / expected batch)^2 per coordinate subtracted, floored at dp_adam_gamma. "
+                  "Post-processing of the released gradients (no privacy cost). Needs DP (refused with disable_dp), "
+                  "optim='adamw_torch' and no codec."},
+    )
+    dp_adam_gamma: float = field(
+        default=1e-8,
+        metadata={"help": "dp_adam_bias_correction: the floor gamma' of the corrected second moment, "
+                  "max(v_hat - noise variance, gamma'); it replaces Adam's epsilon. > 0."},
     )
     noise_seed: int | None = field(
         default=None,
@@ -234,8 +265,13 @@ class DRArgumentsMixin:
             raise ValueError(f"clipping={self.clipping!r} is unknown: choose one of {', '.join(CLIPPING_MODES)}")
         if self.noise_space not in NOISE_SPACES:
             raise ValueError(f"noise_space={self.noise_space!r} is unknown: choose one of {', '.join(NOISE_SPACES)}")
-        if self.noise_space == "latent" and self.clipping != "flat":
-            raise ValueError("noise_space='latent' clips the whole latent of an example: use clipping='flat'")
+        if self.noise_space == "latent" and self.clipping == "per_layer":
+            raise ValueError("noise_space='latent' clips the whole latent of an example: use clipping='flat' or "
+                             "'automatic'")
+        if not (self.clipping_gamma > 0 and math.isfinite(self.clipping_gamma)):
+            raise ValueError(f"clipping_gamma={self.clipping_gamma} must be positive and finite")
+        if self.dp_adam_bias_correction:
+            self._check_dp_adam()
         if self.codec is not None and self.codec == "auto" and not (
             self.codec_stats_noise_multiplier > 0 and math.isfinite(self.codec_stats_noise_multiplier)
         ):
@@ -285,6 +321,21 @@ class DRArgumentsMixin:
                 "shuffled fixed-size batches have no matching analysis here. Keep poisson_sampling=True, or use "
                 "disable_dp=True for a non-private run"
             )
+
+    def _check_dp_adam(self) -> None:
+        """DP-AdamBC subtracts the noise variance of the released gradient: refused where there is none, where the
+        optimizer is not AdamW, or where a codec changes the noise the optimizer sees."""
+        if self.disable_dp:
+            raise ValueError("dp_adam_bias_correction=True with disable_dp=True: there is no noise to correct for; "
+                             "unset dp_adam_bias_correction for the non-private run")
+        if str(getattr(self.optim, "value", self.optim)) not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(f"dp_adam_bias_correction=True replaces AdamW, but optim={self.optim!r}: use "
+                             "optim='adamw_torch' (the default) or unset dp_adam_bias_correction")
+        if self.codec is not None:
+            raise ValueError("dp_adam_bias_correction=True with a codec: the decoded gradient's noise is not the "
+                             "gradient mechanism's (noise_multiplier * C / B)^2 per coordinate; use one or the other")
+        if not (self.dp_adam_gamma > 0 and math.isfinite(self.dp_adam_gamma)):
+            raise ValueError(f"dp_adam_gamma={self.dp_adam_gamma} must be positive and finite")
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **overrides):

@@ -44,11 +44,12 @@ from .safeguards import split_rows
 from .trainer_checks import _PreflightMixin
 from .trainer_codec import _CodecMixin
 from .trainer_hub import _HubMixin
+from .trainer_options import _OptionsMixin
 
 logger = logging.getLogger(__name__)
 
 
-class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
+class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin):
     """Differentially private LoRA training for a ``Trainer`` class: put it first among the bases, or use
     `make_private`.
 
@@ -112,6 +113,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             model, peft_config, r=args.default_lora_r, alpha=args.default_lora_alpha, dropout=args.default_lora_dropout,
             target_modules=args.default_lora_target_modules,
         )
+        self._apply_lora_freeze_a(model, args)
         # Only adapter tensors may train: anything else would be released without clipping or noise.
         trainable_adapter_parameters(model)
         if args.push_to_hub and self._noise_seed is not None and not args.disable_dp:
@@ -124,6 +126,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
         super().__init__(model, args, *trainer_args, **kwargs)
         self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
+        self._check_optimizer_options()
         if self.dp_enabled:
             check_up_front(self.model, self.data_collator, self.args)  # BatchNorm, flattening collators, packing
         if self.dp_enabled and self.args.world_size > 1:
@@ -326,11 +329,12 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
         logger.warning(
             "%sprivacy in force: unit=%s, N=%d, expected batch=%d, sample_rate=%.5g, noise_multiplier=%.4g, "
             "per_sample_max_grad_norm=%g, clipping=%s, delta=%.3g, accountant=%s, target_epsilon=%s, planned steps=%d, "
-            "budget lasts %s steps.",
+            "budget lasts %s steps; %s.",
             prefix, self.ledger.unit, n, self.expected_batch_size, self.ledger.sample_rate, self.ledger.noise_multiplier,
             self.ledger.max_grad_norm, self.args.clipping, self.ledger.delta, self.args.accountant,
             self.args.target_epsilon, planned,
             self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
+            self._options_in_force(),
         )
 
     def _start_mechanism(self, resumed_step: int) -> None:
@@ -348,6 +352,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             noise_multiplier=self.ledger.noise_multiplier if self.dp_enabled else 0.0,
             expected_batch_size=self.expected_batch_size,
             clipping=self.args.clipping,
+            clipping_gamma=self.args.clipping_gamma,
             noise_seed=seed,
             draws_noise=self.args.process_index == 0,  # one draw per step for the whole job (main process)
         )
@@ -422,6 +427,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             raise RuntimeError("privacy_report() is available once train() has started")
         report = self.ledger.report()
         report["clipping"] = self.args.clipping
+        report.update(self._options_report())
         report["expected_batch_size"] = self.expected_batch_size
         report["uplink_bytes"] = self.uplink_bytes
         report["uplink_ratio"] = self.uplink_ratio

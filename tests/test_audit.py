@@ -153,7 +153,7 @@ def test_clipping_bypassed_is_caught_by_oversized_canaries(tmp_path, monkeypatch
     clipped = run_audit(bert_builder(tmp_path, noise_multiplier=SIGMA_Q1), make_cls_dataset(n=64), num_canaries=256,
                         canary_scale=10.0)
     assert clipped.passed
-    monkeypatch.setattr(mechanism_module, "clip_and_sum", lambda gs, c, mode="flat": (
+    monkeypatch.setattr(mechanism_module, "clip_and_sum", lambda gs, c, mode="flat", *rest: (
         [g.float().sum(0) for g in gs], gs[0].new_zeros(gs[0].shape[0])))
     with pytest.raises(PrivacyAuditError):
         run_audit(bert_builder(tmp_path, noise_multiplier=SIGMA_Q1), make_cls_dataset(n=64), num_canaries=256,

@@ -19,7 +19,7 @@ from hf_drencoder.privacy import (
 from hf_drencoder.privacy.ledger import PrivacyLedger
 
 
-@pytest.mark.parametrize("mode", ["flat", "per_layer"])
+@pytest.mark.parametrize("mode", ["flat", "per_layer", "automatic"])
 def test_every_clipped_contribution_has_norm_at_most_C(mode):
     torch.manual_seed(0)
     C = 0.7

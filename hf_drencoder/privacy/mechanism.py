@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .clipping import clip_and_sum
+from .clipping import DEFAULT_CLIPPING_GAMMA, clip_and_sum
 from .noise import gaussian_noise_like, make_generator
 
 
@@ -34,6 +34,7 @@ class GaussianGradientMechanism:
         noise_multiplier: float,
         expected_batch_size: float,
         clipping: str = "flat",
+        clipping_gamma: float = DEFAULT_CLIPPING_GAMMA,
         noise_seed: int | None = None,
         draws_noise: bool = True,
     ):
@@ -46,6 +47,7 @@ class GaussianGradientMechanism:
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.clipping = clipping
+        self.clipping_gamma = float(clipping_gamma)
         self.draws_noise = bool(draws_noise)
         self.generator = make_generator(self.params[0].device, noise_seed)
         self._sums: list[torch.Tensor] | None = None
@@ -68,7 +70,7 @@ class GaussianGradientMechanism:
         to the step's sum. Returns the per-sample norms before clipping."""
         if len(grad_samples) != len(self.params):
             raise RuntimeError(f"expected per-sample gradients for {len(self.params)} tensors, got {len(grad_samples)}")
-        sums, norms = clip_and_sum(grad_samples, self.max_grad_norm, self.clipping)
+        sums, norms = clip_and_sum(grad_samples, self.max_grad_norm, self.clipping, self.clipping_gamma)
         self._add(sums)
         self.last_norms = norms
         return norms
