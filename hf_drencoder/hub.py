@@ -113,8 +113,8 @@ def privacy_metadata(report: dict) -> dict:
     kind, count = _releases(report)
     keys = (
         "epsilon", "accountant", "epsilon_prv", "epsilon_pld", "epsilon_rdp", "epsilon_gdp", "mu_gdp", "delta", "noise_multiplier",
-        "sample_rate", "max_grad_norm", "clipping", "expected_batch_size", "target_epsilon",
-        "codec_latent_ratio", "noise_space", "uplink_bytes", "uplink_ratio",
+        "sample_rate", "max_grad_norm", "clipping", "clipping_gamma", "expected_batch_size", "target_epsilon",
+        "released_dimension", "lora_freeze_a", "codec_latent_ratio", "noise_space", "uplink_bytes", "uplink_ratio",
     )
     meta = {"enabled": True, "privacy_unit": report.get("privacy_unit", "example"), kind: count}
     for key in keys:
@@ -176,6 +176,13 @@ def privacy_section(report: dict) -> str:
     ]
     if report.get("clipping") is not None:
         lines.append(f"| clipping | {report['clipping']} |")
+    if report.get("clipping_gamma") is not None:
+        lines.append(f"| automatic clipping γ | {_fmt(report['clipping_gamma'])} |")
+    if report.get("released_dimension") is not None:
+        lines.append(f"| released dimension | {report['released_dimension']} |")
+    if report.get("lora_freeze_a"):
+        lines.append("| LoRA A | frozen at its random initialisation (FFA-LoRA): only B and the head were trained "
+                     "and released; A does not depend on the data |")
     if report.get("expected_batch_size") is not None:
         lines.append(f"| expected batch size | {report['expected_batch_size']} |")
     if report.get("target_epsilon") is not None:

@@ -385,6 +385,7 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
             self.optimizer.train()
         step = self.state.global_step + 1
         self._step.check(step)
+        self._check_a_still_frozen()
         loss = torch.zeros((), device=self.args.device)
         if EMPTY_BATCH_KEY not in inputs:
             inputs = self._prepare_inputs(inputs)

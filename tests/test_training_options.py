@@ -9,6 +9,7 @@ import torch
 from conftest import dr_args, make_tiny_bert
 from hf_drencoder import DRTrainer, DRTrainingArguments
 from hf_drencoder.dp_adam import DPAdamBC, released_noise_variance
+from hf_drencoder.hub import privacy_metadata, privacy_section
 from hf_drencoder.privacy.clipping import clip_and_sum, per_sample_norms
 from hf_drencoder.privacy.mechanism import GaussianGradientMechanism
 
@@ -46,6 +47,13 @@ def test_lora_freeze_a_keeps_a_and_releases_noise_only_in_b(tmp_path, cls_datase
     report = trainer.privacy_report()
     assert report["lora_freeze_a"] is True and report["released_dimension"] == dim == trainer.released_dimension()
     assert f"released dimension={dim}" in caplog.text and "lora_freeze_a" in caplog.text
+    card = privacy_section(report)
+    assert f"| released dimension | {dim} |" in card and "FFA-LoRA" in card
+    assert privacy_metadata(report)["released_dimension"] == dim
+    # an A made trainable again mid-run is refused before its raw gradient could be used
+    next(p for n, p in trainer.model.named_parameters() if "lora_A." in n).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="became trainable"):
+        trainer._check_a_still_frozen()
     # the same adapter with A trained releases A's coordinates too
     full = DRTrainer(model=make_tiny_bert(), args=dr_args(tmp_path, default_lora_target_modules=["query", "value"]),
                      train_dataset=cls_dataset)
