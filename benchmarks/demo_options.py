@@ -7,7 +7,7 @@
 Every run is the demo's configuration (embedded MiniLM-L6, LoRA r 8 on query/value of layers 4 and 5, 32 tokens,
 expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with one option added:
 
-- ``baseline``: the demo as it is;
+- ``baseline``: the demo's configuration before these options (A trained, flat clipping, AdamW, lr 2e-2);
 - ``ffa``: ``lora_freeze_a=True`` (FFA-LoRA: A frozen at its initialisation, B and the head trained and released);
 - ``automatic``: ``clipping="automatic"`` (each per-example gradient scaled by C / (norm + 0.01));
 - ``adambc``: ``dp_adam_bias_correction=True`` (DP-AdamBC, gamma' 1e-8).
@@ -31,7 +31,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "demo_options.json")
 OPTIONS = {
-    "baseline": {},
+    "baseline": {"lora_freeze_a": False},  # explicit: whatever the demo's defaults become
     "ffa": {"lora_freeze_a": True},
     "automatic": {"clipping": "automatic"},
     "adambc": {"dp_adam_bias_correction": True},
@@ -83,9 +83,9 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> N
 
     for name in options:
         for seed in seeds:
-            extra = ["--seed", str(seed), *cli_args(OPTIONS[name])] + (["--learning_rate", str(lr)] if lr else [])
+            extra = ["--seed", str(seed), *cli_args(OPTIONS[name]), "--learning_rate", str(lr)]
             r = run(extra)
-            r.update(stage="test", option=name, seed=seed, lr=lr if lr else 2e-2, extra_args=extra)
+            r.update(stage="test", option=name, seed=seed, lr=lr, extra_args=extra)
             add_row(r, path)
             print(f"test {name} lr {r['lr']:g} seed {seed}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                   f"epsilon {r['epsilon']:.3f} wall {r['wall_s']:.0f} s", flush=True)
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("stage", choices=["tune", "test", "table"])
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-2, 5e-2], help="tune: the learning-rate grid")
-    p.add_argument("--lr", type=float, default=None, help="test: the learning rate (default: the demo's)")
+    p.add_argument("--lr", type=float, default=2e-2, help="test: the learning rate")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-NONPRIVATE = ["--disable_dp", "true", "--max_length", "64", "--default_lora_target_modules", "query", "value",
+NONPRIVATE = ["--disable_dp", "true", "--lora_freeze_a", "false", "--max_length", "64", "--default_lora_target_modules", "query", "value",
               "--per_device_train_batch_size", "64", "--max_physical_batch_size", "64", "--max_steps", "90",
               "--learning_rate", "1e-2", "--lr_scheduler_type", "linear",
               "--per_sample_max_grad_norm", "1.0"]
