@@ -32,7 +32,9 @@ class DPAdamBC(torch.optim.Optimizer):
         noise_variance: the per-coordinate noise variance of each gradient the optimizer is given
             (`released_noise_variance`); 0 gives AdamW with ``eps`` replaced by a floor ``gamma`` on ``v_hat``.
         gamma: the floor gamma' of the corrected second moment (> 0); it replaces Adam's ``eps``.
-        lr, betas, weight_decay: as for ``torch.optim.AdamW``.
+        lr: the learning rate, as for ``torch.optim.AdamW``.
+        betas: the moments' decay rates, as for ``torch.optim.AdamW``.
+        weight_decay: decoupled weight decay, as for ``torch.optim.AdamW``.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
