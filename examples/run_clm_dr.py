@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         data = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                        remove_columns=raw["train"].column_names, desc="Tokenizing")
         if data_args.group_texts:
+            logger.warning("--group_texts: the privacy unit is a block of %d tokens, not a line or a document (adding one "
+                           "text re-cuts every later block of its chunk)", block_size)
             data = data.map(group, batched=True, num_proc=data_args.preprocessing_num_workers,
                             desc=f"Grouping texts in blocks of {block_size}")
     train, evaluation = data["train"], data["validation"]

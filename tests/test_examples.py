@@ -48,7 +48,7 @@ def test_run_clm_dr_embedded_default(tmp_path, offline):
     assert "Evaluation" in (out / "README.md").read_text()
 
 
-def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline):
+def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline, caplog):
     from transformers import LlamaConfig
 
     from hf_drencoder.embedded import minilm_path
@@ -69,6 +69,7 @@ def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline):
     ])
     # 40 lines of 13-14 tokens ([CLS] ... [SEP]) grouped in blocks of 16: the privacy unit is a block.
     assert result["group_texts"] and 30 <= result["train_examples"] <= 40
+    assert "the privacy unit is a block of 16 tokens" in caplog.text  # said, not left to the docs
     report = check_saved(out, steps=2)
     assert report["noise_multiplier"] == 1.0 and report["target_epsilon"] is None and report["sample_rate"] == pytest.approx(4 / result["train_examples"])
     assert result["eval"]["eval_num_tokens"] > 0
