@@ -126,7 +126,8 @@ class _CodecMixin:
 
     @property
     def uplink_bytes(self) -> int:
-        """Bytes one step sends off the party: the fp32 latent with a codec, the fp32 LoRA gradient without."""
+        """Bytes one step sends off the party: with a codec its fp32 latent plus the fp32 head values sent raw next to
+        it (every byte that leaves the party counted, head included), without one the fp32 LoRA gradient."""
         if self.codec is not None:
             return self.codec.payload_bytes
         return 4 * (self.layout.dim if self.layout is not None else sum(p.numel() for p in self._params))

@@ -162,6 +162,10 @@ class GradientCodec(
             (largest first) are left to coordinate selection.
         decoder: ``"mmse"`` (linear, exact for Gaussian priors) or ``"mlp"`` (MMSE plus a learned residual).
         hidden_size: width of the residual MLP.
+        raw_head: send the ``modules_to_save`` tensors (the classification head) raw, as fp32 values next to the
+            latent, and decode them as received; ``latent_ratio`` then applies to the LoRA factors alone, so the
+            head never takes latent coordinates from them. ``payload_bytes`` counts both. ``False`` codes the whole
+            gradient as one vector (the paper's setting), where a head with large gradients takes the latent.
         seed: seed of the tie-breaking among equal prior variances.
         pretrain_report: held-out losses recorded by `pretrain_codec`.
         stage1_privacy: where the prior came from, for the privacy ledger of whoever trains with the codec:
@@ -185,6 +189,7 @@ class GradientCodec(
         lowrank_share: float = 0.8,
         decoder: str = "mmse",
         hidden_size: int = 256,
+        raw_head: bool = True,
         seed: int = 0,
         pretrain_report: dict | None = None,
         stage1_privacy: dict | None = None,
@@ -194,9 +199,17 @@ class GradientCodec(
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
         self.layout = layout if isinstance(layout, LoraLayout) else LoraLayout.from_dict(layout)
         self.latent_ratio = check_latent_ratio(latent_ratio)
-        self.latent_dim = latent_size(self.layout.dim, latent_ratio)
-        if temporal_window < 0 or temporal_window >= self.latent_dim:
-            raise ValueError(f"temporal_window must be in [0, latent_dim={self.latent_dim}), got {temporal_window}")
+        self.raw_head = bool(raw_head)
+        raw = torch.zeros(self.layout.dim, dtype=torch.bool)
+        for b, sl in self.layout.block_slices():
+            raw[sl] = self.raw_head and b.factor == "head"
+        self.raw_dim = int(raw.sum())
+        coded = self.layout.dim - self.raw_dim
+        # the latent proper (k values, the LoRA part when the head is raw), followed by the raw values
+        k = self.coded_latent_dim = latent_size(coded, latent_ratio) if coded else 0
+        self.latent_dim = k + self.raw_dim
+        if temporal_window < 0 or (temporal_window and temporal_window >= k):
+            raise ValueError(f"temporal_window must be in [0, {k}) (the coded latent's size), got {temporal_window}")
         self.temporal_window = int(temporal_window)
         self.temporal_gain = float(temporal_gain)
         self.temporal_mean = float(temporal_mean)
@@ -216,12 +229,12 @@ class GradientCodec(
         if not (0.0 <= lowrank_share < 1.0):
             raise ValueError(f"lowrank_share must be in [0, 1), got {lowrank_share}")
         self.lowrank_share = float(lowrank_share)
-        budget = min(lowrank_share * self.latent_dim, self.latent_dim - self.temporal_window - 1)
+        budget = min(lowrank_share * k, k - self.temporal_window - 1)
         self._groups = _lowrank_groups(self.layout, self.lora_rank, budget) if lora_rank else []
         self.lowrank_payload = sum(g["rank"] * (g["rows"] + g["cols"]) for g in self._groups)
         if decoder == "mlp" and lora_rank:
             raise ValueError("the learned residual decoder is not available with lora_rank > 0")
-        self.num_selected = self.latent_dim - self.temporal_window - self.lowrank_payload
+        self.num_selected = k - self.temporal_window - self.lowrank_payload
         self.prior_kind = prior_kind
         self.decoder_kind = decoder
         self.seed = seed
@@ -248,9 +261,10 @@ class GradientCodec(
             for off, n in g["spans"]:
                 mask[off : off + n] = True
         self.register_buffer("lowrank_mask", mask, persistent=False)
+        self.register_buffer("raw_mask", raw, persistent=False)
+        self.register_buffer("raw_index", torch.nonzero(raw).reshape(-1), persistent=False)
         self._last_lowrank_q: torch.Tensor | None = None
         if decoder == "mlp":
-            k = self.latent_dim
             self.residual = nn.Sequential(nn.Linear(k + 1, hidden_size), nn.GELU(), nn.Linear(hidden_size, k))
         else:
             self.residual = None
@@ -279,6 +293,7 @@ class GradientCodec(
         # ties (the paper prior has one variance per tensor) are broken by a seeded random order
         rank = prior.var.double() / self.block_var.double() ** self.balance
         rank[self.lowrank_mask] = -1.0  # covered by the low-rank part
+        rank[self.raw_mask] = -2.0  # sent raw
         order = torch.argsort(rank * self._tie_break().double(), descending=True)
         self.selected.copy_(torch.sort(order[: self.num_selected]).values)
         self._version += 1
@@ -326,7 +341,8 @@ class GradientCodec(
         score.mul_(self._tie_break())
         if self.lowrank_payload:
             score[self.lowrank_mask] = -1.0
-        sel = torch.sort(torch.topk(score, self.latent_dim - self.lowrank_payload).indices).values
+        score[self.raw_mask] = -2.0
+        sel = torch.sort(torch.topk(score, self.num_selected).indices).values
         self._selection_cache = (key, sel)
         return sel
 
@@ -345,6 +361,12 @@ class GradientCodec(
             codec.check_layout(layout if layout is not None else model)
         codec._version += 1
         return codec
+
+    @classmethod
+    def _from_pretrained(cls, **kwargs):
+        # a codec saved before ``raw_head`` existed coded the head in its latent: load it as it was saved
+        kwargs.setdefault("raw_head", False)
+        return super()._from_pretrained(**kwargs)
 
     def generate_model_card(self, *args, **kwargs):
         """The README.md that ``save_pretrained`` / ``push_to_hub`` write: stage-1 privacy cost, layout, links."""
@@ -365,7 +387,8 @@ class GradientCodec(
     # sizes ------------------------------------------------------------------------------------------------
     @property
     def payload_bytes(self) -> int:
-        """Bytes of one fp32 latent: the message that leaves a party per step."""
+        """Bytes of one message as it leaves a party per step: the fp32 latent and, with ``raw_head``, the fp32
+        head values sent next to it (every byte that leaves the party counted, head included)."""
         return 4 * self.latent_dim
 
     # structure helpers ------------------------------------------------------------------------------------
@@ -409,6 +432,7 @@ class GradientCodec(
             x = self.window.double().clone()
             x[:, self.selected] = 0
             x[:, self.lowrank_mask] = 0
+            x[:, self.raw_mask] = 0
             # Gram-Schmidt twice: stable, and rows that add nothing new are left at zero
             rows = []
             for i in range(r):
@@ -455,6 +479,8 @@ class GradientCodec(
                 z = torch.cat([z, flat @ self._temporal_basis().t()], -1)
         if self.lowrank_payload:
             z = torch.cat([z, self._lowrank_encode(flat)], -1)
+        if self.raw_dim:
+            z = torch.cat([z, flat[..., self.raw_index]], -1)
         return z
 
     def _lowrank_encode(self, flat: torch.Tensor) -> torch.Tensor:
@@ -485,7 +511,14 @@ class GradientCodec(
         self._check_finite(latent, "latent")
         s2 = self._noise_var(noise_std)
         squeeze = latent.dim() == 1
-        z = latent.reshape(-1, self.latent_dim)
+        out = self._decode_batch(latent.reshape(-1, self.latent_dim), s2, self.residual is not None and bool(self.mlp_enabled))
+        if squeeze:
+            out = out[0]
+        return self.layout.unflatten(out) if as_tensors else out
+
+    def _decode_batch(self, z: torch.Tensor, s2: float, use_residual: bool) -> torch.Tensor:
+        """``[n, latent_dim]`` latents to ``[n, dim]`` estimates; the raw values are returned as received."""
+        z, z_raw = z[:, : self.coded_latent_dim], z[:, self.coded_latent_dim :]
         if self.lowrank_payload:
             z, z_lr = z[:, : -self.lowrank_payload], z[:, -self.lowrank_payload :]
         if self.temporal_rho > 0:
@@ -494,11 +527,11 @@ class GradientCodec(
             out = self._decode_linear(z, s2)
         if self.lowrank_payload:
             self._lowrank_decode(z_lr, s2, out)
-        if self.residual is not None and bool(self.mlp_enabled):
+        if use_residual:
             out = out + self._residual(z, self._prior_terms()[0], s2)
-        if squeeze:
-            out = out[0]
-        return self.layout.unflatten(out) if as_tensors else out
+        if self.raw_dim:
+            out[:, self.raw_index] = z_raw
+        return out
 
     def _lowrank_decode(self, z_lr: torch.Tensor, s2: float, out: torch.Tensor) -> None:
         """Write ``P Q^T`` of every group into ``out``, shrunk by the share of it that is noise.
@@ -576,7 +609,7 @@ class GradientCodec(
         """Learned correction on the selected coordinates, in units of their prior std."""
         sel, ks = self.selected, self.num_selected
         scale = (self.prior_var[sel] + s2).sqrt()
-        zz = torch.zeros(z.shape[0], self.latent_dim)
+        zz = torch.zeros(z.shape[0], self.coded_latent_dim)
         zz[:, :ks] = (z[:, :ks] - mean[sel]) / scale
         feat = torch.cat([zz, torch.full((z.shape[0], 1), math.log10(s2 + 1e-30) / 10)], 1)
         corr = self.residual(feat)[:, :ks] * self.prior_var[sel].sqrt()
@@ -648,7 +681,7 @@ class GradientCodec(
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.layout.dim}, latent_dim={self.latent_dim}, prior={self.prior_kind}, "
+            f"dim={self.layout.dim}, latent_dim={self.latent_dim}, raw_dim={self.raw_dim}, prior={self.prior_kind}, "
             f"temporal_window={self.temporal_window}, temporal_rho={self.temporal_rho}, lora_rank={self.lora_rank}, decoder={self.decoder_kind}, layout={self.layout.fingerprint}"
         )
 
