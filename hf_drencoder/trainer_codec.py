@@ -66,7 +66,14 @@ class _CodecMixin:
         return None
 
     def _checked_codec(self, codec):
+        from .codec.baselines import BaselineCodec
+
         codec.check_layout(self.layout)
+        if self.args.noise_space == "latent" and isinstance(codec, BaselineCodec):
+            raise ValueError(
+                f"noise_space='latent' needs a fixed linear encoder; the {codec.kind} baseline compresses the released "
+                "gradient (error feedback, a fresh projection per step). Use noise_space='gradient'"
+            )
         if self.args.noise_space == "latent" and codec.lora_rank > 0:
             raise ValueError(
                 f"noise_space='latent' needs an encoder that is a fixed linear map, but this codec's low-rank part "
