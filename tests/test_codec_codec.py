@@ -184,7 +184,8 @@ def test_lowrank_part_reconstructs_rank_one_factors_and_round_trips(tmp_path):
     p = GaussianPrior(layout, torch.zeros(layout.dim), torch.rand(layout.dim, generator=torch.Generator().manual_seed(0)) + 0.1)
     codec = GradientCodec.from_prior(p, latent_ratio=0.5, temporal_rho=0.8, lora_rank=1)
     assert codec.lowrank_payload == 2 * (4 + 12)  # A stacked 4 x 12, B stacked 12 x 4, rank one each
-    assert codec.latent_dim == 48 and codec.num_selected == 48 - 32
+    # the two stacks cover every value: no coordinate is left to select, and the message is the 32 numbers sent
+    assert codec.latent_dim == 32 and codec.num_selected == 0
     g = torch.Generator().manual_seed(1)
     u, v, w, x = (torch.randn(n, generator=g) for n in (4, 12, 12, 4))
     a_stack, b_stack = torch.outer(u, v), torch.outer(w, x)
@@ -229,3 +230,14 @@ def test_the_ar1_codec_measures_lora_coordinates_only():
     for _ in range(3):
         assert int(codec._kalman_selection(0.01).max()) < 1024
         codec.observe(codec.decode(codec.encode(torch.randn(HEAD_LAYOUT.dim)), 0.1))
+
+
+def test_no_latent_value_is_spent_on_coordinates_the_low_rank_part_already_sends():
+    var = torch.cat([torch.full((1024,), 1e-4), torch.full((192,), 1.0)])
+    prior = GaussianPrior(HEAD_LAYOUT, torch.zeros(HEAD_LAYOUT.dim), var)
+    # at 1/2 the rank-one parts of both factor stacks fit and cover every LoRA value: nothing is left to select
+    codec = GradientCodec.from_prior(prior, 1 / 2, lora_rank=1, temporal_rho=0.8)
+    assert codec.lowrank_payload == 2 * (8 + 64) and codec.num_selected == 0
+    assert codec.latent_dim == codec.lowrank_payload + 192 and codec.payload_bytes == 4 * codec.latent_dim
+    g = torch.randn(HEAD_LAYOUT.dim)
+    assert codec.decode(codec.encode(g), 0.01).shape == g.shape

@@ -162,7 +162,12 @@ class GradientCodec(
         self.lowrank_payload = sum(g["rank"] * (g["rows"] + g["cols"]) for g in self._groups)
         if decoder == "mlp" and lora_rank:
             raise ValueError("the learned residual decoder is not available with lora_rank > 0")
-        self.num_selected = k - self.temporal_window - self.lowrank_payload
+        # coordinates left to measure one by one: neither sent raw nor covered by the low-rank part. Where the
+        # low-rank part covers every LoRA factor the latent is that much shorter (only numbers sent are counted)
+        free = coded - sum(n for g in self._groups for _, n in g["spans"])
+        self.num_selected = max(0, min(k - self.temporal_window - self.lowrank_payload, free))
+        self.coded_latent_dim = self.num_selected + self.temporal_window + self.lowrank_payload
+        self.latent_dim = self.coded_latent_dim + self.raw_dim
         self.prior_kind = prior_kind
         self.decoder_kind = decoder
         self.seed = seed
