@@ -83,3 +83,21 @@ def test_baselines_refuse_batches_and_unknown_kinds():
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("sketch", LAYOUT)
     assert make_baseline("powersgd", LAYOUT).stage1_history == []
+
+
+def test_a_baseline_trains_in_dr_trainer_and_its_bytes_are_the_uplink(tmp_path):
+    from conftest import dr_args, make_cls_dataset, make_tiny_bert
+
+    from hf_drencoder import DRTrainer
+
+    data = make_cls_dataset(n=32)
+    peft_model = DRTrainer(model=make_tiny_bert(), args=dr_args(tmp_path, max_steps=2), train_dataset=data).model
+    baseline = make_baseline("top-k", peft_model, 1 / 16)
+    t = DRTrainer(model=peft_model, args=dr_args(tmp_path, max_steps=2), train_dataset=data, codec=baseline)
+    t.train()
+    assert t.uplink_bytes == baseline.payload_bytes < 4 * t.layout.dim
+    assert [h[2] for h in t.ledger.accountant.history] == [2]  # no stage-1 entry: the baseline uses no data
+    fresh = DRTrainer(model=make_tiny_bert(), args=dr_args(tmp_path, max_steps=1), train_dataset=data).model
+    with pytest.raises(ValueError, match="fixed linear encoder"):
+        DRTrainer(model=fresh, args=dr_args(tmp_path, max_steps=1, noise_space="latent"), train_dataset=data,
+                  codec=make_baseline("top-k", fresh, 1 / 16)).train()
