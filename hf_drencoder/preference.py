@@ -25,6 +25,10 @@ _COUPLING_LOSSES = {
     "sft": "averages the chosen tokens of the whole batch",
 }
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+_CODEC_AUTO = (
+    "codec='auto' with preference pairs: stage 1 collects per-row gradient statistics, not per pair. Pre-train the "
+    "codec elsewhere and pass its path, or train without a codec"
+)
 
 
 def dpo_option_problems(args) -> list[str]:
@@ -60,6 +64,8 @@ def dpo_option_problems(args) -> list[str]:
             "max_physical_batch_size with preference pairs: a Poisson draw is not split into passes yet. Unset it and "
             "bound memory with per_device_train_batch_size and gradient_accumulation_steps"
         )
+    if args.codec == "auto":
+        problems.append(_CODEC_AUTO)
     if args.privacy_unit == "group":
         problems.append("privacy_unit='group' with preference pairs is not supported: the privacy unit is one pair")
     return problems
@@ -117,6 +123,14 @@ class PreferencePairsMixin:
                 "router loss (router_aux_loss_coef) balances experts over the whole batch, so pairs influence each "
                 "other's loss; set router_aux_loss_coef=0"
             )
+
+    def _privacy_unit_name(self) -> str:
+        return "preference pair"
+
+    def _setup_codec(self, resume_from_checkpoint, n: int):
+        if self.dp_enabled and isinstance(self._codec_spec, str) and self._codec_spec == "auto":
+            raise ValueError(f"{type(self).__name__} cannot guarantee privacy with these settings:\n- {_CODEC_AUTO}")
+        return super()._setup_codec(resume_from_checkpoint, n)
 
     def _check_data(self) -> None:
         names = getattr(self.train_dataset, "column_names", None) or []

@@ -171,6 +171,9 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
     def _after_trainer_init(self) -> None:
         """Adjust or refuse what the privatised class's ``__init__`` set up, before the checks that follow it."""
 
+    def _privacy_unit_name(self) -> str:
+        return f"group ({self.args.group_by_column})" if self._grouped else "example"
+
     def _rows_of_units(self, inputs, num_units: int) -> torch.Tensor | None:
         """For each row of the model's batch, the privacy unit (of ``num_units``) it belongs to; None when each
         row is one unit. The rows of a unit are summed before clipping."""
@@ -291,7 +294,7 @@ class PrivateTrainerMixin(_PreflightMixin, _CodecMixin, _HubMixin):
             noise_multiplier=self.args.noise_multiplier,
             target_epsilon=self.args.target_epsilon,
             disabled=not self.dp_enabled,
-            unit=f"group ({self.args.group_by_column})" if self._grouped else "example",
+            unit=self._privacy_unit_name(),
         )
         if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)

@@ -226,7 +226,7 @@ def test_trls_dpo_script_with_only_the_class_swap_trains_on_pairs_and_clips_one_
     assert pairs and clipped == [b for b, _ in pairs] and all(rows == 2 * b for b, rows in pairs)
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["steps"] == 2 and report["sample_rate"] == pytest.approx(4 / 32) and report["epsilon"] > 0
-    assert report["privacy_unit"] == "example" and report["noise_multiplier"] == 1.0
+    assert report["privacy_unit"] == "preference pair" and report["noise_multiplier"] == 1.0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert not (out / "ref").exists()  # one adapter: the reference is the base with the adapter disabled
     logged = _logged_epsilons(capsys.readouterr().out)
@@ -333,6 +333,7 @@ def test_one_pairs_gradient_is_clipped_whole_and_adding_a_pair_moves_the_clipped
     (dict(f_divergence_type="js_divergence"), "f_divergence_type='js_divergence'"),
     (dict(use_weighting=True), "use_weighting"),
     (dict(max_physical_batch_size=2), "max_physical_batch_size with preference pairs"),
+    (dict(codec="auto"), "codec='auto' with preference pairs"),
 ])
 def test_dpo_settings_outside_the_per_pair_analysis_are_refused_before_loading(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
