@@ -44,7 +44,7 @@ def _is_trl_trainer(cls: type) -> bool:
 
 
 def accepts_model_name(cls: type) -> bool:
-    """The privatised class's ``model`` argument is typed to take a string (TRL's trainers: ``str | PreTrainedModel``)."""
+    """The privatised class's ``model`` argument is typed to take a string (TRL's: ``str | PreTrainedModel``)."""
     parameter = inspect.signature(privatised_class(cls).__init__).parameters.get("model")
     annotation = "" if parameter is None else parameter.annotation
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
@@ -61,10 +61,15 @@ def load_named_model(cls: type, name: str, args, kwargs: dict):
     ``processing_class`` and with a ``revision``, the processor is loaded at that revision too."""
     base = privatised_class(cls)
     if not (accepts_model_name(cls) and _is_trl_trainer(cls)):
+        if accepts_model_name(cls):
+            why = (f"{base.__name__} loads names in its own way, which the private trainer would have to repeat "
+                   "before setting up the adapter")
+        else:
+            why = f"{base.__name__} does not load a model from a name"
         raise ValueError(
-            f"{cls.__name__} needs a model object, not the name {name!r}: {base.__name__} does not load a model from "
-            "a name. Load it first (e.g. AutoModelForCausalLM.from_pretrained(name)) and pass the model; the LoRA "
-            "adapter is then set up and checked on it before training"
+            f"{cls.__name__} needs a model object, not the name {name!r}: {why}. Load it first (e.g. "
+            "AutoModelForCausalLM.from_pretrained(name)) and pass the model; the LoRA adapter is then set up and "
+            "checked on it before training"
         )
     from trl.trainer.utils import create_model_from_path
 
@@ -73,7 +78,8 @@ def load_named_model(cls: type, name: str, args, kwargs: dict):
     if quantization_config is not None:
         if "quantization_config" in init:
             raise ValueError(
-                "quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one place"
+                "quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one "
+                "place"
             )
         init["quantization_config"] = quantization_config
     if str(getattr(args.distributed_state.distributed_type, "value", args.distributed_state.distributed_type)) in (
