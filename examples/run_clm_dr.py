@@ -17,7 +17,8 @@ quality): a tiny Llama built from a config (random weights) with the MiniLM toke
 Privacy unit. By default every non-empty line of the text files is one example (truncated to
 ``block_size`` tokens), so the guarantee is per line: put one document, or one person's text, per line.
 ``--group_texts`` concatenates everything and cuts it into blocks as ``run_clm.py`` does; the unit is then
-a block of ``block_size`` tokens, and a document spanning k blocks is protected only at group size k.
+a block of ``block_size`` tokens of the prepared dataset, and nothing is said about a document: adding one text shifts
+the cut of every later block in its chunk of texts, so it changes many blocks, not one.
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         data = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                        remove_columns=raw["train"].column_names, desc="Tokenizing")
         if data_args.group_texts:
+            logger.warning("--group_texts: the privacy unit is a block of %d tokens, not a line or a document (adding one "
+                           "text re-cuts every later block of its chunk)", block_size)
             data = data.map(group, batched=True, num_proc=data_args.preprocessing_num_workers,
                             desc=f"Grouping texts in blocks of {block_size}")
     train, evaluation = data["train"], data["validation"]

@@ -12,78 +12,82 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 #
-# TRL's `trl/scripts/sft.py` (trl 1.16), made differentially private with hf-drencoder. Every change from
-# TRL's script is marked with a comment starting "hf-drencoder:".
+# hf-drencoder: TRL's `trl/scripts/sft.py`, made differentially private by the class swap after
+# `from trl import SFTTrainer, ...` and nothing else. The private SFTTrainer loads `--model_name_or_path` as
+# TRL's does (with `model_init_kwargs` and the quantization config), wraps it with the LoRA adapter of
+# `--use_peft --lora_*` (or peft's defaults for the architecture), checks it, and trains it with DP-SGD. The
+# parsed SFTConfig is a plain one: the privacy settings come from `HF_DRENCODER_*` environment variables
+# (`HF_DRENCODER_TARGET_EPSILON`, `HF_DRENCODER_PER_SAMPLE_MAX_GRAD_NORM`, ...) or a file named in
+# `HF_DRENCODER_CONFIG`; without any: target_epsilon=8, delta=1/N, C=1, PRV accountant, Poisson sampling. Under
+# DP `--packing` and `--padding_free` are refused (several examples in one row) and gradient checkpointing is
+# turned off. The output folder holds the adapter, `privacy_report.json` and a model card stating the guarantee.
+#
+# HF_DRENCODER_TARGET_EPSILON=3 python examples/run_sft_dr.py \
+#     --model_name_or_path path/to/model --dataset_name path/to/folder_with_train_jsonl \
+#     --learning_rate 2.0e-3 --max_steps 500 --per_device_train_batch_size 32 --gradient_accumulation_steps 8 \
+#     --use_peft --lora_r 8 --lora_alpha 16 --lora_target_modules q_proj v_proj --output_dir model-SFT-DR
+#
+# (TRL's usage examples in the docstring below pass --packing: drop it for a private run.)
 
 # /// script
 # dependencies = [
 #     "trl",
 #     "peft",
-#     "hf-drencoder",
+#     "trackio",
+#     "kernels",
 # ]
 # ///
 
 """
-# Private LoRA fine-tuning (the privacy settings come from the environment)
+# Full training
 ```bash
-HF_DRENCODER_TARGET_EPSILON=3 python examples/run_sft_dr.py \
-    --model_name_or_path path/to/model \
-    --dataset_name path/to/chat.jsonl \
-    --learning_rate 2.0e-3 \
-    --max_steps 500 \
-    --per_device_train_batch_size 32 \
+python trl/scripts/sft.py \
+    --model_name_or_path Qwen/Qwen2-0.5B \
+    --dataset_name trl-lib/Capybara \
+    --learning_rate 2.0e-5 \
+    --num_train_epochs 1 \
+    --packing \
+    --per_device_train_batch_size 2 \
     --gradient_accumulation_steps 8 \
-    --use_peft \
-    --lora_r 8 \
-    --lora_alpha 16 \
-    --lora_target_modules q_proj v_proj \
-    --output_dir model-SFT-DR
+    --eos_token '<|im_end|>' \
+    --eval_strategy steps \
+    --eval_steps 100 \
+    --output_dir Qwen2-0.5B-SFT \
+    --push_to_hub
 ```
 
-`--dataset_name` is a Hub dataset (needs network), a folder written by `Dataset.save_to_disk` /
-`DatasetDict.save_to_disk`, or a local `.json` / `.jsonl` file (one example per line, with a `messages` column of
-chat turns or a `text` column). The flags are TRL's (`ScriptArguments`, `SFTConfig`, `ModelConfig`): the privacy
-settings are read from `HF_DRENCODER_*` environment variables (`HF_DRENCODER_TARGET_EPSILON`,
-`HF_DRENCODER_PER_SAMPLE_MAX_GRAD_NORM`, ...) or from a file named in `HF_DRENCODER_CONFIG`. Without any, the run
-gets target_epsilon=8, delta=1/N, C=1 and the PRV accountant. Under DP, `--packing` and `--padding_free` are
-refused (they put several examples in one row) and SFTConfig's gradient checkpointing is turned off.
-
-The output folder holds the adapter, `privacy_report.json` and a model card stating the guarantee.
+# LoRA
+```bash
+python trl/scripts/sft.py \
+    --model_name_or_path Qwen/Qwen2-0.5B \
+    --dataset_name trl-lib/Capybara \
+    --learning_rate 2.0e-4 \
+    --num_train_epochs 1 \
+    --packing \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 8 \
+    --eos_token '<|im_end|>' \
+    --eval_strategy steps \
+    --eval_steps 100 \
+    --use_peft \
+    --lora_r 32 \
+    --lora_alpha 16 \
+    --output_dir Qwen2-0.5B-SFT \
+    --push_to_hub
+```
 """
 
 import argparse
-import os
-
-
-# hf-drencoder: --dataset_name may be a local file or a save_to_disk folder (offline runs); a Hub id or a folder
-# of data files goes to load_dataset as in TRL's script.
-def load_sft_dataset(dataset_name, name=None, streaming=False):
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    if os.path.isfile(dataset_name):
-        extension = dataset_name.rsplit(".", 1)[-1]
-        extension = {"jsonl": "json", "txt": "text"}.get(extension, extension)
-        return load_dataset(extension, data_files=dataset_name, streaming=streaming)
-    if os.path.isdir(dataset_name) and any(
-        os.path.isfile(os.path.join(dataset_name, f)) for f in ("dataset_dict.json", "dataset_info.json")
-    ):
-        dataset = load_from_disk(dataset_name)
-        return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
-    return load_dataset(dataset_name, name=name, streaming=streaming)
 
 
 def main(script_args, training_args, model_args, dataset_args):
     import transformers
     from accelerate.logging import get_logger
+    from datasets import load_dataset
     from packaging.version import Version
 
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
-    from trl.trainer.utils import create_model_from_path
-
     from hf_drencoder import make_private
-
-    # hf-drencoder: the class swap. The SFTConfig parsed below is a plain one: the trainer adds the privacy
-    # fields, with the values of the HF_DRENCODER_* environment variables.
     SFTTrainer = make_private(SFTTrainer)
 
     logger = get_logger(__name__)
@@ -96,12 +100,7 @@ def main(script_args, training_args, model_args, dataset_args):
     )
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
-    # hf-drencoder: the private trainer wraps a model object with the LoRA adapter (it does not take a model name),
-    # so the model is loaded here with the loader and keyword arguments SFTTrainer uses for a name. The tokenizer
-    # is still loaded by SFTTrainer from the model's folder.
-    model = create_model_from_path(
-        model_args.model_name_or_path, quantization_config=get_quantization_config(model_args), **model_init_kwargs
-    )
+    training_args.model_init_kwargs = model_init_kwargs
 
     # Load the dataset
     if dataset_args.datasets and script_args.dataset_name:
@@ -113,8 +112,7 @@ def main(script_args, training_args, model_args, dataset_args):
     elif dataset_args.datasets and not script_args.dataset_name:
         dataset = get_dataset(dataset_args)
     elif not dataset_args.datasets and script_args.dataset_name:
-        # hf-drencoder: load_sft_dataset (local files and folders too) in place of load_dataset
-        dataset = load_sft_dataset(
+        dataset = load_dataset(
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
     else:
@@ -122,10 +120,11 @@ def main(script_args, training_args, model_args, dataset_args):
 
     # Initialize the SFT trainer
     trainer = SFTTrainer(
-        model=model,  # hf-drencoder: the model loaded above, in place of model_args.model_name_or_path
+        model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
 
@@ -136,7 +135,7 @@ def main(script_args, training_args, model_args, dataset_args):
     trainer.accelerator.print("✅ Training completed.")
 
     # Save and push to Hub
-    trainer.save_model(training_args.output_dir)  # with privacy_report.json and a model card stating the guarantee
+    trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
 
     if training_args.push_to_hub:

@@ -96,7 +96,8 @@ class PrivateStep:
     def backward(self, losses: torch.Tensor, step: int, check_finite: bool = True, group_index=None,
                  num_groups: int | None = None) -> torch.Tensor:
         """Backward of one physical batch's per-example losses ``[b]``; its clipped gradients join the step's sum.
-        With ``group_index`` (``[b]``, the group of each row within its micro-batch of ``num_groups`` groups) the
+        With ``group_index`` (the group of each row of the model's batch within its micro-batch of ``num_groups``
+        groups; as many rows as losses, or more when a loss covers several rows, as a preference pair's two) the
         rows' gradients are summed per group, and the groups are clipped in `end_micro_batch`. Returns the sum of
         the losses (for logging)."""
         if check_finite and first_non_finite([losses.detach()]) is not None:
@@ -108,7 +109,7 @@ class PrivateStep:
             # torch warns that the first hooked LoRA layer's input needs no grad (the base is frozen): expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        self._collect(losses.shape[0], group_index, num_groups)
+        self._collect(losses.shape[0] if group_index is None else group_index.shape[0], group_index, num_groups)
         return losses.detach().float().sum()
 
     def end_micro_batch(self) -> None:

@@ -34,6 +34,7 @@ from .callbacks import PrivacyCallback, load_privacy_state
 from .distributed import from_main_process, sum_over_processes
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import base_model_of, infer_task, per_sample_losses
+from .preference import preference_mixin_for
 from .private_step import PrivateStep
 from .privacy.coupling import check_up_front
 from .privacy.ledger import PrivacyLedger
@@ -44,6 +45,7 @@ from .safeguards import split_rows
 from .trainer_checks import _PreflightMixin
 from .trainer_codec import _CodecMixin
 from .trainer_hub import _HubMixin
+from .trainer_models import bind_trainer_arguments, load_named_model
 from .trainer_options import _OptionsMixin
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
     Args:
         model: a ``PeftModel``, or a transformers model that is wrapped with ``peft_config`` or, without one,
             with a LoRA config of peft's defaults for its architecture (see ``default_lora_*`` in the arguments);
-            the log line of the privacy in force says so.
+            the log line of the privacy in force says so. A name or local path when the privatised class loads
+            one (TRL's trainers): loaded as that class loads it (``trainer_models.load_named_model``), then wrapped.
         args: ``DRTrainingArguments`` (or the privacy version of the trainer's own arguments class); a plain one
             is accepted and gets the privacy settings: target_epsilon=8 unless the environment says otherwise
             (``HF_DRENCODER_*``), delta=1/N, C=1, PRV accountant, Poisson sampling.
@@ -66,14 +69,17 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
 
     Every other argument is Trainer's.
 
-    Privacy unit: one training example (one row of ``train_dataset``). What is protected: the trained adapter
+    Privacy unit: one training example (one row of ``train_dataset``; for TRL's ``DPOTrainer`` one preference pair,
+    see `hf_drencoder.preference`). What is protected: the trained adapter
     and everything derived from it. Training loss and evaluation metrics are computed on data and logged as
     Trainer does; they are not covered by the guarantee.
     """
 
-    def __init__(
-        self, model=None, args: TrainingArguments | None = None, *trainer_args, peft_config=None, codec=None, **kwargs
-    ):
+    def __init__(self, model=None, *trainer_args, peft_config=None, codec=None, **kwargs):
+        # positional arguments by their names in the privatised class (TRL's DPOTrainer takes ref_model second)
+        kwargs = bind_trainer_arguments(type(self), trainer_args, kwargs)
+        args: TrainingArguments | None = kwargs.pop("args", None)
+        peft_config = kwargs.pop("peft_config", peft_config)
         if kwargs.get("model_init") is not None:
             raise ValueError(
                 f"{type(self).__name__} does not support model_init: pass the model (the adapter is checked before "
@@ -89,6 +95,7 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
             args = DRTrainingArguments.from_training_arguments(args)
         else:
             args = copy.copy(args)  # the caller's object keeps its noise_seed
+        self._check_private_arguments(args)
         # The noise seed regenerates the noise and the batches: it stays in this process and is never written into
         # training_args.bin, a checkpoint, a report_to backend or the Hub.
         self._noise_seed, args.noise_seed = args.noise_seed, None
@@ -104,11 +111,10 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
         if model is None:
             raise ValueError(f"{type(self).__name__} needs a model")
         if isinstance(model, (str, os.PathLike)):
-            raise ValueError(
-                f"{type(self).__name__} needs a model object, not the name {os.fspath(model)!r}: load it first (e.g. "
-                "AutoModelForCausalLM.from_pretrained(name)), so that its adapter is set up and checked before training"
-            )
+            # loaded as the privatised class loads a name (TRL: create_model_from_path), or refused with the fix
+            model = load_named_model(type(self), os.fspath(model), args, kwargs)
         self._wrapped_plain_model = not isinstance(model, PeftModel) and peft_config is None
+        self._fresh_adapter = not isinstance(model, PeftModel)  # the adapter is created here (LoRA's zero init)
         model = wrap_with_lora(
             model, peft_config, r=args.default_lora_r, alpha=args.default_lora_alpha, dropout=args.default_lora_dropout,
             target_modules=args.default_lora_target_modules,
@@ -123,7 +129,8 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
                 "whoever knows the seed can regenerate the noise (and the batches) and remove it from the shared "
                 "adapter. Unset noise_seed for a run whose model leaves the machine"
             )
-        super().__init__(model, args, *trainer_args, **kwargs)
+        super().__init__(model, args=args, **kwargs)
+        self._after_trainer_init()
         self._codec_spec = codec if codec is not None else self.args.codec
         self._check_unsupported()
         self._check_optimizer_options()
@@ -153,6 +160,27 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
 
     def _default_arguments(self):
         return TrainingArguments(output_dir="trainer_output")
+
+    # hooks for a trainer family with its own privacy unit (preference.py: one DPO pair)
+    def _check_private_arguments(self, args) -> None:
+        """Refuse settings of ``args`` before the model is loaded or the data is touched."""
+        if not args.disable_dp and getattr(args, "activation_offloading", False):
+            raise ValueError(
+                f"{type(self).__name__} cannot guarantee privacy with these settings:\n- activation_offloading is "
+                "applied by the trainer's own training_step, which the private step replaces: it would be off without "
+                "a word. Set activation_offloading=False"
+            )
+
+    def _after_trainer_init(self) -> None:
+        """Adjust or refuse what the privatised class's ``__init__`` set up, before the checks that follow it."""
+
+    def _privacy_unit_name(self) -> str:
+        return f"group ({self.args.group_by_column})" if self._grouped else "example"
+
+    def _rows_of_units(self, inputs, num_units: int) -> torch.Tensor | None:
+        """For each row of the model's batch, the privacy unit (of ``num_units``) it belongs to; None when each
+        row is one unit. The rows of a unit are summed before clipping."""
+        return None
 
     # the private step's pieces, as the audit and tests reach them
     @property
@@ -269,7 +297,7 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
             noise_multiplier=self.args.noise_multiplier,
             target_epsilon=self.args.target_epsilon,
             disabled=not self.dp_enabled,
-            unit=f"group ({self.args.group_by_column})" if self._grouped else "example",
+            unit=self._privacy_unit_name(),
         )
         if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -401,6 +429,9 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
                 index = piece.pop(GROUP_INDEX_KEY, None)
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
                     losses = self.per_sample_losses(model, piece)
+                rows = self._rows_of_units(piece, losses.shape[0])
+                if rows is not None:  # several rows per unit (a preference pair): summed, then clipped once
+                    index, num_groups = rows, losses.shape[0]
                 # (several processes: the release check stops every process together instead of one here)
                 loss = loss + self._step.backward(losses, step, check_finite=self.args.world_size == 1,
                                                   group_index=index, num_groups=num_groups)
@@ -459,14 +490,16 @@ def make_private(trainer_cls: type) -> type:
     (`hf_drencoder.arguments.private_arguments_class`), and a plain one is converted as for ``DRTrainer``.
 
     The private step replaces the class's ``training_step``; its ``compute_loss`` is not used for training (the
-    per-example loss is ``per_sample_losses``), and collators or options that couple examples are refused."""
+    per-example loss is ``per_sample_losses``), and collators or options that couple examples are refused. For
+    TRL's ``DPOTrainer`` the class also gets `hf_drencoder.preference.PreferencePairsMixin` (one pair per unit)."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
         raise TypeError(f"make_private needs a Trainer subclass, got {trainer_cls!r}")
     if issubclass(trainer_cls, PrivateTrainerMixin):
         return trainer_cls
     if trainer_cls not in _PRIVATE_TRAINERS:
         name = f"DR{trainer_cls.__name__}"
-        cls = type(name, (PrivateTrainerMixin, trainer_cls), {
+        family = preference_mixin_for(trainer_cls)  # TRL's DPOTrainer: one preference pair per privacy unit
+        cls = type(name, ((family,) if family else ()) + (PrivateTrainerMixin, trainer_cls), {
             "__doc__": f"``{trainer_cls.__name__}`` with differentially private LoRA training (see PrivateTrainerMixin).",
             "__module__": __name__,
         })

@@ -66,7 +66,14 @@ class _CodecMixin:
         return None
 
     def _checked_codec(self, codec):
+        from .codec.baselines import BaselineCodec
+
         codec.check_layout(self.layout)
+        if self.args.noise_space == "latent" and isinstance(codec, BaselineCodec):
+            raise ValueError(
+                f"noise_space='latent' needs a fixed linear encoder; the {codec.kind} baseline compresses the released "
+                "gradient (error feedback, a fresh projection per step). Use noise_space='gradient'"
+            )
         if self.args.noise_space == "latent" and codec.lora_rank > 0:
             raise ValueError(
                 f"noise_space='latent' needs an encoder that is a fixed linear map, but this codec's low-rank part "
@@ -126,7 +133,8 @@ class _CodecMixin:
 
     @property
     def uplink_bytes(self) -> int:
-        """Bytes one step sends off the party: the fp32 latent with a codec, the fp32 LoRA gradient without."""
+        """Bytes one step sends off the party: with a codec its fp32 latent plus the fp32 head values sent raw next to
+        it (every byte that leaves the party counted, head included), without one the fp32 LoRA gradient."""
         if self.codec is not None:
             return self.codec.payload_bytes
         return 4 * (self.layout.dim if self.layout is not None else sum(p.numel() for p in self._params))

@@ -114,3 +114,14 @@ def lm_dataset():
 @pytest.fixture
 def cls_dataset():
     return make_cls_dataset()
+
+
+@pytest.fixture
+def tiny_chat_llama(tmp_path):
+    """A tiny Llama and a word-level tokenizer with a chat template, saved as one model folder."""
+    folder = tmp_path / "tiny-llama"
+    model = make_tiny_llama()
+    model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, None
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -205,7 +205,7 @@ def test_a_subclass_compute_loss_is_refused_but_the_privatised_classs_own_is_not
         Mine(model=_model("t5"), args=args, train_dataset=_seq2seq_dataset())
 
 
-@pytest.mark.parametrize("kind", ["text", "chat"])
+@pytest.mark.parametrize("kind", ["text"])  # chat rows: TRL's own sft.py in test_trl.py
 def test_trl_sft_trainer_made_private(tmp_path, kind):
     trl = pytest.importorskip("trl")
     g = torch.Generator().manual_seed(0)

@@ -184,7 +184,8 @@ def test_lowrank_part_reconstructs_rank_one_factors_and_round_trips(tmp_path):
     p = GaussianPrior(layout, torch.zeros(layout.dim), torch.rand(layout.dim, generator=torch.Generator().manual_seed(0)) + 0.1)
     codec = GradientCodec.from_prior(p, latent_ratio=0.5, temporal_rho=0.8, lora_rank=1)
     assert codec.lowrank_payload == 2 * (4 + 12)  # A stacked 4 x 12, B stacked 12 x 4, rank one each
-    assert codec.latent_dim == 48 and codec.num_selected == 48 - 32
+    # the two stacks cover every value: no coordinate is left to select, and the message is the 32 numbers sent
+    assert codec.latent_dim == 32 and codec.num_selected == 0
     g = torch.Generator().manual_seed(1)
     u, v, w, x = (torch.randn(n, generator=g) for n in (4, 12, 12, 4))
     a_stack, b_stack = torch.outer(u, v), torch.outer(w, x)
@@ -199,3 +200,44 @@ def test_lowrank_part_reconstructs_rank_one_factors_and_round_trips(tmp_path):
     # a group that does not fit in the latent share is left to coordinate selection
     small = GradientCodec.from_prior(p, latent_ratio=1 / 8, lora_rank=1)
     assert small.lowrank_payload == 0 and small.num_selected == small.latent_dim
+
+
+HEAD_LAYOUT = LoraLayout(
+    ["a.lora_A.default.weight", "a.lora_B.default.weight", "classifier.modules_to_save.default.weight"],
+    [(8, 64), (64, 8), (3, 64)],
+)  # 1024 LoRA values, a 192-value head
+
+
+def test_the_head_is_sent_raw_and_counted_and_the_latent_is_spent_on_lora():
+    # a head whose gradients dominate: coded as one vector it would take every latent coordinate
+    var = torch.cat([torch.full((1024,), 1e-4), torch.full((192,), 1.0)])
+    codec = GradientCodec.from_prior(GaussianPrior(HEAD_LAYOUT, torch.zeros(HEAD_LAYOUT.dim), var), 1 / 64)
+    lora_k = latent_size(1024, 1 / 64)
+    assert codec.raw_dim == 192 and codec.latent_dim == lora_k + 192
+    assert codec.payload_bytes == 4 * (lora_k + 192)  # every byte that leaves the party, head included
+    assert int(codec.selected.max()) < 1024  # all measured coordinates lie in the LoRA factors
+    g = torch.randn(HEAD_LAYOUT.dim, generator=torch.Generator().manual_seed(0))
+    out = codec.decode(codec.encode(g), 0.1)
+    assert torch.equal(out[1024:], g[1024:])  # the head as sent
+    old = GradientCodec.from_prior(GaussianPrior(HEAD_LAYOUT, torch.zeros(HEAD_LAYOUT.dim), var), 1 / 64, raw_head=False)
+    assert old.raw_dim == 0 and int(old.selected.min()) >= 1024  # the paper's setting: the head takes the latent
+
+
+def test_the_ar1_codec_measures_lora_coordinates_only():
+    var = torch.cat([torch.full((1024,), 1e-4), torch.full((192,), 1.0)])
+    prior = GaussianPrior(HEAD_LAYOUT, torch.zeros(HEAD_LAYOUT.dim), var)
+    codec = GradientCodec.from_prior(prior, 1 / 64, temporal_rho=0.8)
+    for _ in range(3):
+        assert int(codec._kalman_selection(0.01).max()) < 1024
+        codec.observe(codec.decode(codec.encode(torch.randn(HEAD_LAYOUT.dim)), 0.1))
+
+
+def test_no_latent_value_is_spent_on_coordinates_the_low_rank_part_already_sends():
+    var = torch.cat([torch.full((1024,), 1e-4), torch.full((192,), 1.0)])
+    prior = GaussianPrior(HEAD_LAYOUT, torch.zeros(HEAD_LAYOUT.dim), var)
+    # at 1/2 the rank-one parts of both factor stacks fit and cover every LoRA value: nothing is left to select
+    codec = GradientCodec.from_prior(prior, 1 / 2, lora_rank=1, temporal_rho=0.8)
+    assert codec.lowrank_payload == 2 * (8 + 64) and codec.num_selected == 0
+    assert codec.latent_dim == codec.lowrank_payload + 192 and codec.payload_bytes == 4 * codec.latent_dim
+    g = torch.randn(HEAD_LAYOUT.dim)
+    assert codec.decode(codec.encode(g), 0.01).shape == g.shape

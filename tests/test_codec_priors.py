@@ -88,3 +88,39 @@ def test_bad_priors():
         GaussianPrior(LAYOUT, torch.full((LAYOUT.dim,), float("nan")), torch.ones(LAYOUT.dim))
     with pytest.raises(ValueError, match="zero variance"):
         GaussianPrior(LAYOUT, torch.zeros(LAYOUT.dim), torch.zeros(LAYOUT.dim))
+
+
+def _noisy_stats(signal=0.0, n=64, noise_multiplier=1.0, seed=0):
+    """Statistics of ``n`` per-example gradients equal to ``signal`` everywhere, released with noise."""
+    acc = StatisticsAccumulator(LAYOUT, max_grad_norm=1.0, noise_multiplier=noise_multiplier, sample_rate=1.0,
+                                dataset_size=n, noise_seed=seed)
+    acc.add(torch.full((n, LAYOUT.dim), signal))
+    acc.release_batch()
+    return acc.finish()
+
+
+@pytest.mark.parametrize("kind", ["element", "lowrank"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_mean_that_is_only_release_noise_is_zero(kind, seed):
+    """Gradients with no mean: what the release shows as a mean is its noise, and none of it enters the prior."""
+    stats = _noisy_stats(signal=0.0, seed=seed)
+    assert float(stats.moment("sum").norm()) > 0
+    assert float(build_prior(stats, kind, expected_batch_size=64).mean.abs().max()) == 0.0
+
+
+def test_a_mean_far_above_the_release_noise_is_kept():
+    stats = _noisy_stats(signal=0.05, n=400, noise_multiplier=0.5)
+    mean = build_prior(stats, "element", expected_batch_size=400).mean
+    assert torch.allclose(mean, torch.full_like(mean, 0.05), rtol=0.2)
+
+
+def test_a_zero_message_decodes_to_zero_with_the_default_prior():
+    """Directions a message does not measure decode to zero, not to a constant left over from stage 1."""
+    from hf_drencoder.codec import pretrain_codec
+
+    prior = build_prior(_noisy_stats(signal=1e-3), expected_batch_size=64)
+    codec = pretrain_codec(prior, 1 / 8, noise_std=(0.01, 0.05), progress=False)
+    for _ in range(3):
+        out = codec.decode(torch.zeros(codec.latent_dim), 0.05)
+        codec.observe(out)
+        assert float(out.abs().max()) == 0.0

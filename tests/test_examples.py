@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -48,7 +48,7 @@ def test_run_clm_dr_embedded_default(tmp_path, offline):
     assert "Evaluation" in (out / "README.md").read_text()
 
 
-def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline):
+def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline, caplog):
     from transformers import LlamaConfig
 
     from hf_drencoder.embedded import minilm_path
@@ -69,6 +69,7 @@ def test_run_clm_dr_from_config_and_text_files_with_grouping(tmp_path, offline):
     ])
     # 40 lines of 13-14 tokens ([CLS] ... [SEP]) grouped in blocks of 16: the privacy unit is a block.
     assert result["group_texts"] and 30 <= result["train_examples"] <= 40
+    assert "the privacy unit is a block of 16 tokens" in caplog.text  # said, not left to the docs
     report = check_saved(out, steps=2)
     assert report["noise_multiplier"] == 1.0 and report["target_epsilon"] is None and report["sample_rate"] == pytest.approx(4 / result["train_examples"])
     assert result["eval"]["eval_num_tokens"] > 0
@@ -106,61 +107,7 @@ def _words(rng, k):
     return " ".join(f"w{rng.randrange(100)}" for _ in range(k))
 
 
-def _chat_rows(n, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": _words(rng, 4)},
-                          {"role": "assistant", "content": _words(rng, 4)}]} for _ in range(n)]
-
-
-# ---- run_sft_dr.py: TRL's sft.py with the class swap ----
-
-@pytest.fixture
-def tiny_chat_llama(tmp_path):
-    """A tiny Llama and a word-level tokenizer with a chat template, saved as one model folder."""
-    folder = tmp_path / "tiny-llama"
-    model = make_tiny_llama()
-    model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, None
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def test_run_sft_dr_on_chat_jsonl_takes_epsilon_from_the_environment(tmp_path, offline, tiny_chat_llama):
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _chat_rows(32)))
-    out = tmp_path / "sft"
-    log = run_example("run_sft_dr", [
-        "--model_name_or_path", tiny_chat_llama, "--dataset_name", data, "--output_dir", out,
-        "--use_cpu", "--bf16", "false", "--max_steps", "2", "--report_to", "none", "--per_device_train_batch_size", "4",
-        "--max_length", "32", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
-    ], env={"HF_DRENCODER_TARGET_EPSILON": "3"}, cwd=tmp_path)
-    report = check_saved(out, steps=2)
-    assert 0 < report["epsilon"] <= 3.0 + 1e-6 and report["target_epsilon"] == 3.0
-    assert report["sample_rate"] == pytest.approx(4 / 32) and report["delta"] == pytest.approx(1 / 32)
-    # TRL's ModelConfig flags made the adapter (get_peft_config), next to the privacy settings of the environment
-    adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
-    line = next(x for x in log.splitlines() if "privacy in force" in x)
-    assert "got a plain SFTConfig" in line and "From the environment: target_epsilon=3.0" in line
-    assert "gradient_checkpointing is turned off" in log
-
-
-def test_run_sft_dr_reads_local_datasets(tmp_path, offline):
-    from datasets import Dataset, DatasetDict
-
-    load = load_example("run_sft_dr").load_sft_dataset
-    rows = _chat_rows(6)
-    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])}).save_to_disk(tmp_path / "dd")
-    Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
-    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"w{i} w{i + 1}"}) + "\n" for i in range(5)))
-    both = load(str(tmp_path / "dd"))
-    assert (both["train"].num_rows, both["test"].num_rows) == (6, 2) and both["train"][0] == rows[0]
-    assert load(str(tmp_path / "ds"))["train"][1] == rows[1]  # a single saved Dataset is the train split
-    text = load(str(tmp_path / "text.jsonl"))
-    assert text["train"]["text"] == [f"w{i} w{i + 1}" for i in range(5)]
-
+# ---- run_sft_dr.py: TRL's sft.py with the class swap (run end to end in test_trl.py) ----
 
 def test_run_sft_dr_parses_trls_arguments_and_refuses_privacy_flags(tmp_path):
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser

@@ -16,7 +16,8 @@ def test_federated_run_with_codec_from_the_parties(tmp_path):
     stats, train = history[0], history[1:]
     assert stats["stage"] == "statistics" and [h["round"] for h in train] == [1, 2]
     assert sim.codec is not None and sim.codec.lowrank_payload == 0
-    assert sim.codec.latent_dim == round(sim.layout.dim / 16)
+    # the head (modules_to_save) travels raw next to the latent of the LoRA part
+    assert sim.codec.raw_dim == 99 and sim.codec.latent_dim == round((sim.layout.dim - 99) / 16) + 99
     for h in train:
         assert h["uplink_bytes_per_party"] == sim.codec.payload_bytes
         assert h["uplink_bytes"] == sim.codec.payload_bytes * h["num_received"]

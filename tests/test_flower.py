@@ -1,18 +1,10 @@
-"""The federated mode on Flower: the strategy and the ClientApp give what FederatedSimulation gives (same accountant
-history, same global adapter with noise seeded on each party), the party refuses to send un-noised updates or to take
-a noise seed from a message, a failing party sends only a fixed code, what is published does not depend on who took
-part, and a real SuperLink with 2 SuperNodes on 127.0.0.1 runs 2 rounds with a party that dies mid-round."""
+"""The federated mode on Flower, in this process: the strategy and the ClientApp give what FederatedSimulation gives
+(same accountant history, same global adapter with noise seeded on each party), the party refuses to send un-noised
+updates or to take a noise seed from a message, a failing party sends only a fixed code, and what is published does
+not depend on who took part. A real SuperLink with 2 SuperNodes on 127.0.0.1 (a party that dies mid-round) and
+Flower's simulation engine run the example app in test_flower_app.py."""
 
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,14 +19,11 @@ from hf_drencoder.federated.flower import (  # noqa: E402
     ClientLevelDPStrategy,
     FlowerParty,
     federated_args_from_config,
-    server_app,
 )
 from hf_drencoder.privacy import PrivacyBudgetError, compute_epsilon  # noqa: E402
 from hf_drencoder.codec import LoraLayout  # noqa: E402
 from hf_drencoder.lora import trainable_adapter_parameters, wrap_with_lora  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 TARGETS = ["query", "value"]
 
 
@@ -341,193 +330,3 @@ def test_what_the_strategy_publishes_does_not_depend_on_who_answered(tmp_path):
 def test_codec_auto_is_refused_on_flower(tmp_path):
     with pytest.raises(ValueError, match="codec='auto' is not available on Flower"):
         ClientLevelDPStrategy(fed_args(tmp_path, codec="auto"), LoraLayout.from_model(lora(model_fn())))
-
-
-# ---- a real deployment on loopback: SuperLink + 2 SuperNodes + flwr run -------------------------------------------
-
-APP = '''
-import os
-from conftest import make_cls_dataset, make_tiny_bert
-from hf_drencoder.federated import partition_dataset
-from hf_drencoder.federated.flower import FlowerParty, server_app
-
-
-def model_fn(context):
-    return make_tiny_bert(seed=0)
-
-
-def data_fn(partition_id, num_partitions, context):
-    return partition_dataset(make_cls_dataset(n=48, seed=1), num_partitions, "iid", seed=0)[partition_id]
-
-
-class DyingParty(FlowerParty):
-    """Party 1 exits in the middle of round 2 (its ClientApp process dies during fit)."""
-
-    def train(self, msg, context):
-        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["round-index"]) == 1:
-            os._exit(3)
-        return super().train(msg, context)
-
-
-server = server_app(model_fn)
-client = DyingParty(model_fn, data_fn).client_app()
-'''
-
-PYPROJECT = '''
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "drencoder-flower-test"
-version = "1.0.0"
-description = "hf-drencoder on Flower (test)"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "hfdrencoder"
-
-[tool.flwr.app.components]
-serverapp = "drencoder_app:server"
-clientapp = "drencoder_app:client"
-
-[tool.flwr.app.config]
-num-parties = 2
-parties-per-round = 2
-num-rounds = 2
-local-steps = 2
-local-batch-size = 4
-local-learning-rate = 0.1
-noise-multiplier = 1.0
-target-delta = 0.001
-noise-seed = 0
-sampling-seed = 3
-seed = 0
-lora-target-modules = "query,value"
-round-timeout = 25.0
-output-dir = "{output_dir}"
-'''
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _wait_for_port(port, procs, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("a Flower process exited while starting")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
-
-
-def _stop_group(proc, grace=15.0):
-    """SIGTERM to the process group (the SuperLink/SuperNode and the SuperExec and apps it started), SIGKILL to
-    whatever is left after ``grace`` seconds; returns when the group is empty."""
-    def alive():
-        try:
-            os.killpg(proc.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-    if alive():
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        proc.poll()  # reap the leader
-        time.sleep(0.2)
-    if alive():
-        os.killpg(proc.pid, signal.SIGKILL)
-        while alive() and time.monotonic() < deadline + 5:
-            proc.poll()
-            time.sleep(0.1)
-    proc.wait(timeout=5)
-
-
-def _bin(name):
-    return str(Path(sys.executable).parent / name)
-
-
-def test_superlink_and_two_supernodes_on_loopback(tmp_path):
-    """Flower's Deployment Engine on 127.0.0.1 without TLS: 2 rounds, party 1 dies during round 2's fit; the run
-    finishes, round 2 is counted once with party 1 left out, and epsilon and the adapter equal the in-process
-    simulation in which party 1 fails in round 2. Every process started here is stopped."""
-    out = tmp_path / "out"
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "drencoder_app.py").write_text(textwrap.dedent(APP))
-    (app / "pyproject.toml").write_text(PYPROJECT.format(output_dir=out))
-    link, node0, node1 = _free_ports(3)
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-               FLWR_DISABLE_UPDATE_CHECK="1")
-    logs = {}
-    procs = []
-
-    def start(name, cmd):
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        # a new session per process: the SuperLink and SuperNodes start their own children (SuperExec, apps)
-        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=logs[name], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-
-    try:
-        start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
-        _wait_for_port(link, procs)
-        for i, port in enumerate((node0, node1)):
-            start(f"supernode{i}", [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                    "--host", "127.0.0.1", "--port", str(port),
-                                    # the party's noise seed is its own setting: the server's noise-seed is never sent
-                                    "--node-config", f"partition-id={i} num-partitions=2 noise-seed=0"])
-        run = subprocess.run([_bin("flwr"), "run", str(app), "test", "--stream"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=150)
-        report_path = out / "privacy_report.json"
-        assert report_path.exists(), f"no privacy report; flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
-        report = json.loads(report_path.read_text())
-        history = json.loads((out / "federated_history.json").read_text())
-    finally:
-        for p in procs:
-            _stop_group(p)
-        for f in logs.values():
-            f.close()
-    for p in procs:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(p.pid, 0)  # nothing of its process group is left
-
-    assert report["rounds"] == 2 and report["history"] == [[1.0, 1.0, 2]]
-    assert "round 2: 1/2 parties answered, epsilon" in run.stdout + run.stderr  # logged per round, streamed by flwr
-    # the history written next to the model says nothing of who took part (that is in the server's log above)
-    assert [h["round"] for h in history] == [1, 2] and not any("num_received" in h or "failed" in h for h in history)
-    assert history[0]["uplink_bytes_per_party"] == history[0]["downlink_bytes_per_party"] > 0
-
-    args = FederatedArguments(output_dir=str(tmp_path / "sim"), num_parties=2, parties_per_round=2, num_rounds=2,
-                              local_steps=2, local_batch_size=4, local_learning_rate=0.1, noise_multiplier=1.0,
-                              target_delta=1e-3, noise_seed=0, sampling_seed=3, seed=0, disable_tqdm=True, eval_every=0,
-                              lora_target_modules=TARGETS)
-    # partition 1 died in round 2 (the failed index is the server's population slot of its node, a different numbering)
-    sim, expected = run_simulation(args, fail_party_round=(1, 1))
-    assert report["epsilon"] > 0 and report["epsilon"] == pytest.approx(sim.history[-1]["epsilon"], rel=1e-9)
-    assert report["epsilon_rdp"] == pytest.approx(sim.history[-1]["epsilon_rdp"], rel=1e-9)
-    from peft import PeftModel
-
-    served = PeftModel.from_pretrained(model_fn(), str(out), is_trainable=True)  # what the ServerApp saved
-    got = LoraLayout.from_model(served).flatten([p.detach() for _, p in trainable_adapter_parameters(served)])
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

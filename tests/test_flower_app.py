@@ -1,21 +1,30 @@
 """The Flower App in examples/flower-app: its pyproject.toml is one Flower validates, its SuperLink connections parse,
-the docs show its real files, and `flwr run <app> local-deployment` trains it against a SuperLink and 2 SuperNodes on
-127.0.0.1 (a tiny BERT, a flwr_datasets Dirichlet split of Reuters-R8) and writes its privacy report."""
+the docs show its real files, and `flwr run` trains it (a tiny BERT, a Dirichlet split of Reuters-R8) and writes its
+privacy report, on both of Flower's engines:
 
+- `local-deployment`: a SuperLink and 2 SuperNodes on 127.0.0.1, with party 1's ClientApp process exiting during
+  round 2; the run finishes, and epsilon and the adapter equal the in-process FederatedSimulation in which party 1
+  fails in round 2 (the one loopback federation of the test suite);
+- `local-simulation`: the SuperLink that `flwr run` starts itself in simulation mode, with 2 virtual SuperNodes
+  (Ray actors), each on its own partition."""
+
+import importlib.util
 import json
-import os
+import math
 import re
 import shutil
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
-from test_flower import _bin, _free_ports, _stop_group, _wait_for_port  # noqa: E402
+from flower_loopback import LoopbackFederation, flower_env, flwr_run, free_ports, stop_processes_with_env  # noqa: E402
 
+from hf_drencoder.federated import FederatedSimulation  # noqa: E402
 from hf_drencoder.federated.flower import federated_args_from_config  # noqa: E402
 from hf_drencoder.privacy import compute_epsilon  # noqa: E402
 
@@ -56,7 +65,8 @@ def test_the_superlink_connections_parse():
 
     conns = _toml(APP / "superlink-connections.toml")["superlink"]
     sim = parse_superlink_connection(conns["local-simulation"], "local-simulation")
-    assert sim.address == ":local:" and sim.options.num_supernodes == 2
+    assert sim.address == ":local:"
+    assert sim.options is None  # the simulation's size goes in `flwr run --federation-config` (options. is deprecated)
     dep = parse_superlink_connection(conns["local-deployment"], "local-deployment")
     assert dep.address == "127.0.0.1:8000" and dep.insecure
 
@@ -72,53 +82,171 @@ def test_the_docs_show_the_real_files():
     assert scaling == set(APP_FILES)
 
 
-def test_flwr_run_of_the_app_against_a_superlink_and_two_supernodes(tmp_path):
-    out = tmp_path / "out"
+
+# a tiny run of the app: 2 parties (q = 1), 2 rounds, noise multiplier 1, delta 1e-3 (the app's defaults)
+TINY = {"model": "tiny", "partitioner": "flwr-dirichlet", "max-train-samples": 64, "max-eval-samples": 16, "num-rounds": 2,
+        "local-steps": 1, "local-batch-size": 4, "max-length": 16}
+# what the accountant says for it: one (sigma, q) step per round
+TINY_HISTORY = [(1.0, 1.0, 2)]
+
+DYING_CLIENT = """
+import os
+
+from hf_drencoder.federated.flower import FlowerParty
+
+from .task import data_fn, model_fn
+
+
+class DyingParty(FlowerParty):
+    # party 1's process exits in the middle of round 2 (its machine went away)
+    def train(self, msg, context):
+        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["round-index"]) == 1:
+            os._exit(3)
+        return super().train(msg, context)
+
+
+app = DyingParty(model_fn, data_fn).client_app()
+"""
+
+
+def _run_config_arg(config: dict) -> str:
+    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+
+
+def _copy_app(tmp_path) -> Path:
     app = tmp_path / "flower-app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
-    link, node0, node1 = _free_ports(3)
+    return app
+
+
+def _app_task(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP))
+    from drencoder_flower import task
+
+    return task
+
+
+def _check_report(report, rounds=2):
+    assert report["engine"] == "flower" and report["rounds"] == rounds
+    assert report["history"] == [list(h) for h in TINY_HISTORY]
+    for name in ("prv", "pld", "rdp"):
+        expected = compute_epsilon(TINY_HISTORY, 1e-3, name)
+        assert math.isfinite(expected) and expected > 0
+        assert report[f"epsilon_{name}"] == pytest.approx(expected, rel=1e-9), name
+    assert report["epsilon"] == report["epsilon_prv"] and report["delta"] == 1e-3
+
+
+def test_the_app_on_a_superlink_and_two_supernodes_with_a_party_that_dies(tmp_path, monkeypatch):
+    """Flower's Deployment Engine on 127.0.0.1 without TLS, the app's own files but for a ClientApp whose party 1
+    exits during round 2: the run finishes, round 2 is counted once with party 1 left out, the report's epsilon is the
+    accountant's, the history says nothing of who took part, and the adapter equals the in-process
+    FederatedSimulation in which party 1 fails in round 2 (each SuperNode seeds its own noise). Every process
+    started here is stopped."""
+    out = tmp_path / "out"
+    app = _copy_app(tmp_path)
+    (app / "drencoder_flower" / "dying_client_app.py").write_text(DYING_CLIENT)
+    pyproject = (app / "pyproject.toml").read_text()
+    assert 'clientapp = "drencoder_flower.client_app:app"' in pyproject
+    (app / "pyproject.toml").write_text(pyproject.replace("drencoder_flower.client_app:app",
+                                                          "drencoder_flower.dying_client_app:app"))
+    # the round waits this long for party 1, which never answers
+    overrides = {**TINY, "round-timeout": 30.0, "output-dir": str(out)}
+    # the party's noise seed is its own setting: the server never sends one
+    federation = LoopbackFederation(tmp_path, [f"partition-id={i} num-partitions=2 noise-seed=0" for i in range(2)])
+    with federation:
+        # the app's own connection file, with the SuperLink on a free port
+        connections = (APP / "superlink-connections.toml").read_text().replace("127.0.0.1:8000", federation.address)
+        (federation.home / "config.toml").write_text(connections)
+        run = federation.run(app, "local-deployment", run_config=_run_config_arg(overrides))
+        said = f"flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+        assert (out / "privacy_report.json").exists(), f"no privacy report; {said}"
+        report = json.loads((out / "privacy_report.json").read_text())
+        history = json.loads((out / "federated_history.json").read_text())
+    assert not federation.left, f"processes still running: {federation.left}"
+
+    _check_report(report)
+    log = run.stdout + run.stderr  # the server's per-round lines, streamed by flwr
+    assert "round 1: 2/2 parties answered, epsilon" in log and "round 2: 1/2 parties answered, epsilon" in log, said
+    # the history written next to the model says nothing of who took part (that is in the server's log above)
+    assert [h["round"] for h in history] == [1, 2] and not any("num_received" in h or "failed" in h for h in history)
+    assert history[0]["uplink_bytes_per_party"] == history[0]["downlink_bytes_per_party"] > 0
+    # evaluated on the server after every round (the ServerApp's evaluate_fn reads max-eval-samples from the run config)
+    assert all(0 <= h["eval_accuracy"] <= 1 for h in history)
+
+    # the same run in one process: the app's model and partitions, party 1 failing in round 2
+    task = _app_task(monkeypatch)
+    config = {**_toml(APP / "pyproject.toml")["tool"]["flwr"]["app"]["config"], **overrides}
+    context = SimpleNamespace(run_config=config)
+    parts = [task.data_fn(i, 2, context) for i in range(2)]
+    from datasets import concatenate_datasets
+
+    args = federated_args_from_config(config, output_dir=str(tmp_path / "sim"), noise_seed=0, disable_tqdm=True,
+                                      eval_every=0)
+    sim = FederatedSimulation(task.model_fn(context), concatenate_datasets(parts), args,
+                              partitions=[list(range(len(parts[0]))), list(range(len(parts[0]), sum(map(len, parts))))])
+    step = sim.party_step
+
+    def party_step(pid, r):
+        if (pid, r) == (1, 1):
+            raise RuntimeError("party went away")
+        return step(pid, r)
+
+    sim.party_step = party_step
+    sim.run()
+    assert report["epsilon"] == pytest.approx(sim.history[-1]["epsilon"], rel=1e-9)
+    assert report["epsilon_rdp"] == pytest.approx(sim.history[-1]["epsilon_rdp"], rel=1e-9)
+    from peft import PeftModel
+
+    from hf_drencoder.codec import LoraLayout
+    from hf_drencoder.lora import trainable_adapter_parameters
+
+    assert (out / "adapter_model.safetensors").is_file()
+    served = PeftModel.from_pretrained(task.model_fn(context), str(out), is_trainable=True)  # what the ServerApp saved
+    got = LoraLayout.from_model(served).flatten([p.detach() for _, p in trainable_adapter_parameters(served)])
+    torch.testing.assert_close(got, sim._global_flat(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_app_in_flowers_simulation_engine(tmp_path, monkeypatch):
+    """`flwr run <app> local-simulation` with the app's own connection: Flower starts a SuperLink in simulation mode,
+    which runs the ServerApp and 2 virtual SuperNodes as Ray actors. Both rounds hear from both parties, each party
+    trains on its own partition (its node config's partition-id, the rows load_partition gives it), and the report's
+    epsilon is the accountant's for 2 rounds at (sigma 1, q 1). Every process it started is stopped."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.fail("Flower's simulation engine needs Ray: pip install 'hf-drencoder[tests]' (it has flwr[simulation])")
+    out = tmp_path / "out"
+    app = _copy_app(tmp_path)
     home = tmp_path / "flwr_home"
     home.mkdir()
-    # the app's own connection file, with the SuperLink on a free port
-    connections = (APP / "superlink-connections.toml").read_text().replace("127.0.0.1:8000", f"127.0.0.1:{link}")
-    (home / "config.toml").write_text(connections)
-    env = dict(os.environ, FLWR_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_DISABLE_UPDATE_CHECK="1")
-    logs, procs = {}, []
-
-    def start(name, cmd):
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=logs[name], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-
-    overrides = (f"model='tiny' partitioner='flwr-dirichlet' max-train-samples=64 max-eval-samples=16 num-rounds=2 "
-                 f"local-steps=1 local-batch-size=4 max-length=16 round-timeout=60.0 output-dir='{out}'")
+    (home / "config.toml").write_text((APP / "superlink-connections.toml").read_text())
+    http_port, control_port = free_ports(2)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    # the managed SuperLink on free ports, running the app in this environment (no per-run `uv sync`); its own Ray
+    # instance; every actor's log line as it is (Ray would fold lines that differ only in numbers)
+    env = flower_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+                     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0")
     try:
-        # the apps run in this environment (hf-drencoder on PYTHONPATH): no per-run `uv sync` of the app's dependencies
-        start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                            "--disable-runtime-dependency-installation"])
-        _wait_for_port(link, procs)
-        for i, port in enumerate((node0, node1)):
-            start(f"supernode{i}", [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                    "--host", "127.0.0.1", "--port", str(port),  # no runtime installs: the default
-                                    "--node-config", f"partition-id={i} num-partitions=2"])
-            _wait_for_port(port, procs)  # a SuperNode that exits fails here, not after the strategy's wait
-        run = subprocess.run([_bin("flwr"), "run", str(app), "local-deployment", "--run-config", overrides, "--stream"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=200)
-        report_path = out / "privacy_report.json"
-        assert report_path.exists(), f"no privacy report; flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
-        report = json.loads(report_path.read_text())
-        history = json.loads((out / "federated_history.json").read_text())
+        run = flwr_run(app, "local-simulation", env, tmp_path, run_config=_run_config_arg({**TINY, "output-dir": str(out)}),
+                       federation_config="num-supernodes=2 client-resources-num-cpus=1", timeout=300)
     finally:
-        for p in procs:
-            _stop_group(p)
-        for f in logs.values():
-            f.close()
-    assert (out / "adapter_model.safetensors").is_file()
-    assert report["rounds"] == 2 and report["history"] == [[1.0, 1.0, 2]]
-    for name in ("prv", "pld", "rdp"):
-        assert report[f"epsilon_{name}"] == pytest.approx(compute_epsilon([(1.0, 1.0, 2)], 1e-3, name), rel=1e-9)
-    assert report["epsilon"] == report["epsilon_prv"]
-    # evaluated on the server after every round (the ServerApp's evaluate_fn reads max-eval-samples from the run config)
+        left = stop_processes_with_env("FLWR_HOME", str(home))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"processes still running: {left}"
+    log = run.stdout + run.stderr
+    said = f"flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+    assert "Starting Flower Simulation" in log and "(2 simulated SuperNodes)" in log, said
+    assert (out / "privacy_report.json").exists(), f"no privacy report; {said}"
+    report = json.loads((out / "privacy_report.json").read_text())
+    history = json.loads((out / "federated_history.json").read_text())
+    _check_report(report)
+    assert "round 1: 2/2 parties answered" in log and "round 2: 2/2 parties answered" in log, said
+    printed = float(re.search(r"round 2: 2/2 parties answered, epsilon ([0-9.e+-]+)", log).group(1))
+    assert printed == pytest.approx(report["epsilon"], rel=1e-3)  # the printed epsilon is the report's
     assert [h["round"] for h in history] == [1, 2] and all(0 <= h["eval_accuracy"] <= 1 for h in history)
-    assert "round 2: 2/2 parties answered" in run.stdout + run.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    # each virtual SuperNode trained on its own partition: the rows the app's load_partition gives partition i of 2
+    task = _app_task(monkeypatch)
+    context = SimpleNamespace(run_config={**_toml(APP / "pyproject.toml")["tool"]["flwr"]["app"]["config"], **TINY})
+    expected = {(i, len(task.data_fn(i, 2, context))) for i in range(2)}
+    seen = {(int(p), int(n)) for p, n in re.findall(r"party (\d+) of 2: (\d+) training rows", log)}
+    assert seen == expected, said
+    assert len({n for _, n in expected}) == 2  # the Dirichlet split gives the two parties different sizes

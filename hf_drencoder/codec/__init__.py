@@ -2,7 +2,8 @@
 pre-trained on prior samples (never on real gradients).
 
 Reading order: `.layout` (gradient <-> flat vector), `.statistics` (the private release),
-`.priors` (what the server builds from it), `.codec` (encoder + noise-aware decoder),
+`.priors` (what the server builds from it), `.codec` (the codec: `.measurement` encodes, `.decoder` decodes,
+`.temporal` carries the state across steps), `.baselines` (compressors to compare against),
 `.pretrain` (training on synthetic samples), `.cli` (``hf-drencoder pretrain-codec``).
 """
 

@@ -63,7 +63,7 @@ def load_codec(spec, model=None, *, layout=None, **kwargs):
     """The `GradientCodec` that ``spec`` names, checked against ``model``'s LoRA layout.
 
     Args:
-        spec: a `GradientCodec` (returned after the layout check), a local folder written by
+        spec: a `GradientCodec` or a baseline from `.baselines` (returned after the layout check), a local folder written by
             ``save_pretrained``, or a Hub repo id.
         model: the `PeftModel` the codec will encode gradients of (its trainable LoRA layout is checked), or None.
         layout: a `LoraLayout` to check against instead of ``model``'s.
@@ -74,10 +74,11 @@ def load_codec(spec, model=None, *, layout=None, **kwargs):
             holds a corrupted one; ``spec`` is neither an existing folder nor a valid Hub repo id.
         LayoutMismatchError: the codec was made for another LoRA layout.
     """
+    from .baselines import BaselineCodec
     from .codec import GradientCodec
     from .layout import LayoutMismatchError
 
-    if isinstance(spec, GradientCodec):
+    if isinstance(spec, (GradientCodec, BaselineCodec)):
         if model is not None or layout is not None:
             spec.check_layout(layout if layout is not None else model)
         return spec

@@ -44,10 +44,7 @@ def heldout_loss(codec: GradientCodec, val: list[tuple[float, torch.Tensor, torc
     num = den = 0.0
     for s, clean, noisy in val:
         z = codec.encode(noisy, s)
-        if use_residual:
-            est = codec._decode_linear(z, s * s) + codec._residual(z, codec.prior_mean, s * s)
-        else:
-            est = codec.decode(z, s)
+        est = codec._decode_batch(z, s * s, use_residual)
         num += float((est - clean).pow(2).sum())
         den += float(clean.pow(2).sum())
     return num / max(den, 1e-30)
@@ -136,7 +133,7 @@ def pretrain_codec(
             clean, noisy = draw(batch_size, s, gen_train)
             with torch.no_grad():
                 z = codec.encode(noisy)
-                base = codec._decode_linear(z, s * s)
+                base = codec._decode_batch(z, s * s, False)
             est = base + codec._residual(z, codec.prior_mean, s * s)
             loss = _relative_loss(est, clean)
             opt.zero_grad()

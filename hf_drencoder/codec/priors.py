@@ -6,7 +6,8 @@ Every prior here is Gaussian in its second-order description: a mean ``mean`` an
 
 ``paper``    one mean and one variance per tensor (module x factor), entries i.i.d.: the prior of
              DR-Encoder as published. It carries no within-tensor structure.
-``element``  per-element mean and variance, straight from the ``sum`` / ``sumsq`` releases.
+``element``  per-element mean and variance, straight from the ``sum`` / ``sumsq`` releases (a tensor's mean is
+             kept only where it stands out of the release noise, see `_shrunk_mean`).
 ``lowrank``  LoRA-aware: per-element mean; the variance of each factor matrix is the rank-one
              (separable) fit ``row_i * col_j / total`` from the row and column marginals of the squared
              gradient, which are released with far less relative noise than single elements; samples
@@ -89,20 +90,30 @@ def _expand_blocks(layout: LoraLayout, per_block: torch.Tensor) -> torch.Tensor:
     return torch.cat([per_block[i].expand(b.numel) for i, b in enumerate(layout.blocks)])
 
 
-def _shrunk_mean(stats: GradientStatistics) -> torch.Tensor:
-    """Per-element mean with the release noise shrunk away, tensor by tensor (James-Stein).
+MEAN_SIGNIFICANCE_Z = 3.0
+"""A tensor's released mean is kept only if its energy exceeds the release noise's by this many standard deviations."""
 
-    The released mean is ``mu + e`` with ``e ~ N(0, t^2 I)`` and ``t`` known; ``||mu_b||^2`` of a tensor is
-    estimated by ``||m_b||^2 - n_b t^2`` and the tensor's mean is scaled by ``max(0, 1 - n_b t^2 / ||m_b||^2)``.
-    Pure post-processing of the release: with few examples the per-element mean is mostly noise, and a
-    prior that took it at face value would steer every decoded gradient towards that noise.
+
+def _shrunk_mean(stats: GradientStatistics, z_min: float = MEAN_SIGNIFICANCE_Z) -> torch.Tensor:
+    """Per-element mean, tensor by tensor: zero unless the release shows a mean above its own noise.
+
+    The released mean of a tensor is ``m = mu + e`` with ``e ~ N(0, t^2 I_n)`` and ``t`` known. Under ``mu = 0``,
+    ``||m||^2 / t^2`` is chi-square with ``n`` degrees of freedom (mean ``n``, std ``sqrt(2n)``), so the tensor's
+    mean is kept only where ``(||m||^2 - n t^2) / (t^2 sqrt(2n)) > z_min``, and then shrunk by the James-Stein
+    factor ``1 - n t^2 / ||m||^2``; everywhere else it is zero. The codec decodes the directions a message does
+    not measure to this mean, every step: a mean that is mostly release noise would be a constant, wrong
+    gradient added at each step (the optimizer turns it into learning-rate-sized steps). Pure post-processing of
+    the release.
     """
     m = stats.moment("sum").clone()
     t2 = stats.mean_noise_std("sum") ** 2
+    if t2 <= 0:
+        return m  # released without noise: nothing to test against
     for b, sl in stats.layout.block_slices():
-        energy = float(m[sl].pow(2).sum())
-        factor = max(0.0, 1.0 - b.numel * t2 / energy) if energy > 0 else 0.0
-        m[sl] *= factor
+        energy = float(m[sl].pow(2).sum(dtype=torch.float64))
+        noise = b.numel * t2
+        z = (energy - noise) / (t2 * math.sqrt(2 * b.numel))
+        m[sl] *= max(0.0, 1.0 - noise / energy) if z > z_min else 0.0
     return m
 
 
@@ -186,4 +197,4 @@ def build_prior(
     return GaussianPrior(layout, mean, var, kind, sample_rank if sample_rank is not None else rank, meta)
 
 
-__all__ = ["GaussianPrior", "PRIORS", "build_prior"]
+__all__ = ["GaussianPrior", "MEAN_SIGNIFICANCE_Z", "PRIORS", "build_prior"]

@@ -87,6 +87,8 @@ class FlowerParty:
         model = wrap_with_lora(self.model_fn(context), self.peft_config, **_lora_defaults(context.run_config))
         params = [p for _, p in trainable_adapter_parameters(model)]
         data = self.data_fn(partition_id, num_partitions, context)
+        # the party's own log (it stays on its SuperNode): which partition this node trains on
+        party_log.info("party %d of %d: %d training rows", partition_id, num_partitions, len(data))
         self._state = {
             "key": key, "model": model, "params": params, "layout": LoraLayout.from_model(model),
             "task": infer_task(model), "codec": _load_codec(self.codec_spec, model),

@@ -206,6 +206,8 @@ def is_left_padded(batch) -> bool:
 
 
 def _row_length(row) -> int:
+    if isinstance(row, Mapping) and "chosen_ids" in row and "rejected_ids" in row:  # a tokenized preference pair
+        return len(row.get("prompt_ids") or []) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
     if isinstance(row, Mapping):
         mask = row.get("attention_mask")
         if mask is not None:

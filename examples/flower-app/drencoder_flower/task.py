@@ -84,8 +84,10 @@ def model_fn(context):
 
     torch.manual_seed(0)
     if _cfg(context, "model", "embedded") == "tiny":
+        # no dropout: a party's local steps depend only on its data and the round's seed (tests compare runs)
         config = BertConfig(vocab_size=tokenizer().vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512, num_labels=NUM_LABELS)
+                            intermediate_size=64, max_position_embeddings=512, num_labels=NUM_LABELS,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return BertForSequenceClassification(config)
     return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=NUM_LABELS)
 
