@@ -5,6 +5,7 @@
     python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8
     python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
     python benchmarks/federated_defaults.py --table            # print the table of what was measured
+    python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
 
 Every row is 100 parties (``--plan population``: 1,000), a Dirichlet(0.5) split of the train rows by label
 (``partition_seed`` = the row's seed), Poisson party sampling at ~10 per round, and the model of the
@@ -64,6 +65,8 @@ PLANS = {
         *[_row(f"default-nodp-s{s}", seed=s) for s in (0, 1, 2)],
         *[_row(f"default-eps8-s{s}", epsilon=8.0, seed=s) for s in (0, 1, 2)],
         *[_row(f"fedadam-nodp-s{s}", server_optimizer="fedadam", server_lr=1e-2, seed=s) for s in (0, 1, 2)],
+        *[_row(f"fedadam-3e-2-nodp-s{s}", server_optimizer="fedadam", server_lr=3e-2, seed=s) for s in (0, 1)],
+        *[_row(f"fedadam-3e-2-eps8-s{s}", epsilon=8.0, server_optimizer="fedadam", server_lr=3e-2, seed=s) for s in (0, 1)],
         *[_row(f"default-nodp-r20-s{s}", rounds=20, seed=s) for s in (0, 1)],
         *[_row(f"fedadam-eps8-s{s}", epsilon=8.0, server_optimizer="fedadam", server_lr=1e-2, seed=s) for s in (0, 1, 2)],
         *[_row(f"default-eps8-r20-s{s}", epsilon=8.0, rounds=20, seed=s) for s in (0, 1)],
@@ -177,6 +180,26 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows) -> str:
+    """The rows of the test split grouped over seeds: mean accuracy and macro-F1 at the last round, and each seed's."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            groups.setdefault(r["name"].rsplit("-s", 1)[0], []).append(r)
+    lines = ["| row | local | server | ε | rounds | seeds | accuracy | macro-F1 | per seed (accuracy / macro-F1) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        r = rs[0]
+        acc = sum(x["accuracy"] for x in rs) / len(rs)
+        f1 = sum(x["macro_f1"] for x in rs) / len(rs)
+        each = ", ".join(f"{x['accuracy']:.3f} / {x['macro_f1']:.3f}" for x in sorted(rs, key=lambda x: x["seed"]))
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        lines.append(f"| {name} | {r['local_optimizer']} lr {r['local_lr']:g}, {r['local_steps']} steps of "
+                     f"{r['local_batch']} | {r['server_optimizer']} lr {r['server_lr']:g} | {eps} | {r['rounds_run']} | "
+                     f"{len(rs)} | {acc:.3f} | {f1:.3f} | {each} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import logging
 
@@ -187,8 +210,12 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="Row names of the plan to run (default: all).")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--table", action="store_true", help="Only print the table of the rows measured.")
+    p.add_argument("--markdown", action="store_true", help="Only print the test rows grouped over seeds, as markdown.")
     a = p.parse_args(argv)
     rows = load(a.out)
+    if a.markdown:
+        print(markdown(rows))
+        return
     if not a.table:
         for spec in PLANS[a.plan]:
             if a.only and spec["name"] not in a.only:
