@@ -58,7 +58,6 @@ PLANS = {
         _row("adamw-5e-3x10-b32", split="tune", local_batch=32),
         _row("fedadam-1e-2", split="tune", server_optimizer="fedadam", server_lr=1e-2),
         _row("fedadam-3e-2", split="tune", server_optimizer="fedadam", server_lr=3e-2),
-        _row("fedavgm-0.9", split="tune", server_optimizer="fedavgm", server_lr=1.0),
     ],
     # headline rows on the test split (seeds 0, 1, 2)
     "final": [
