@@ -34,7 +34,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "audit
 def simulation(tmp: str, **kw) -> FederatedSimulation:
     make_model, data = _model_and_data("tiny-bert", 32, 0)
     base = dict(output_dir=os.path.join(tmp, "fed"), num_parties=8, parties_per_round=2, num_rounds=ROUNDS, local_steps=1,
-                local_batch_size=4, local_learning_rate=0.1, noise_multiplier=SIGMA, target_delta=DELTA, noise_seed=0,
+                local_batch_size=4, local_learning_rate=0.1, local_optimizer="sgd", noise_multiplier=SIGMA, target_delta=DELTA, noise_seed=0,
                 disable_tqdm=True, eval_every=0, lora_target_modules=["query", "value"])
     base.update(kw)
     return FederatedSimulation(make_model(), data, FederatedArguments(**base))

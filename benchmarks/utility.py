@@ -301,6 +301,7 @@ def run_federated(cfg, results: Results, data) -> None:
                 output_dir=out, num_parties=fed["parties"], parties_per_round=fed["per_round"], partition="dirichlet",
                 dirichlet_alpha=fed["alpha"], partition_seed=cfg["seed"], num_rounds=fed["rounds"],
                 local_steps=fed["local_steps"], local_batch_size=fed["local_batch"], local_learning_rate=fed["local_lr"],
+                local_optimizer="sgd",  # what the committed rows were measured with
                 max_update_norm=1.0, eval_every=0, seed=cfg["seed"], sampling_seed=cfg["seed"], noise_seed=cfg["seed"],
                 disable_tqdm=True, lora_r=8, lora_alpha=16, lora_target_modules=["query", "value"],
                 **FED_METHODS[method],

@@ -31,8 +31,8 @@ def quiet():
 
 def simulation(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "fed"), num_parties=8, parties_per_round=2, num_rounds=ROUNDS, local_steps=1,
-                local_batch_size=4, local_learning_rate=0.1, noise_multiplier=SIGMA, target_delta=DELTA, noise_seed=0,
-                sampling_seed=0, disable_tqdm=True, eval_every=0, lora_target_modules=["query", "value"])
+                local_batch_size=4, local_learning_rate=0.1, local_optimizer="sgd", noise_multiplier=SIGMA,
+                target_delta=DELTA, noise_seed=0, sampling_seed=0, disable_tqdm=True, eval_every=0, lora_target_modules=["query", "value"])
     base.update(kw)
     return FederatedSimulation(make_tiny_bert(), make_cls_dataset(32), FederatedArguments(**base))
 

@@ -156,10 +156,12 @@ def test_run_config_gives_federated_arguments():
 def test_strategy_equals_the_in_process_simulation(tmp_path):
     """Poisson sampling at q = 0.5 over 4 parties, seeded noise: the same parties, the same accountant history and
     epsilon, and the same global adapter as FederatedSimulation (one implementation of the party and server steps).
-    sampling_seed=3 samples no party in round 1 (the server draws the noise message itself), then 3."""
-    args = fed_args(tmp_path)
+    sampling_seed=3 samples no party in round 1 (the server draws the noise message itself), then 3. Both apply the
+    updates with the same server optimizer (FedAdam here: its state carries over from round to round)."""
+    args = fed_args(tmp_path, server_optimizer="fedadam", server_learning_rate=0.05)
     strategy, final, grid = run_strategy(args)
-    sim, expected = run_simulation(fed_args(tmp_path))
+    sim, expected = run_simulation(fed_args(tmp_path, server_optimizer="fedadam", server_learning_rate=0.05))
+    assert strategy.server_optimizer.state_tensors().keys() == sim.server_optimizer.state_tensors().keys() != set()
     assert strategy.ledger.accountant.history == sim.ledger.accountant.history == [(1.0, 0.5, 2)]
     assert [h["parties"] for h in strategy.history] == [h["parties"] for h in sim.history]
     assert {len(h["parties"]) for h in strategy.history} != {4}  # Poisson, not everyone every round

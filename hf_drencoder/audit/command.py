@@ -104,7 +104,7 @@ AUDIT_DEFAULTS = dict(
 
 FEDERATED_AUDIT_DEFAULTS = dict(
     output_dir="drencoder-audit-federated", num_parties=64, parties_per_round=4, num_rounds=10, local_steps=2,
-    local_batch_size=4, local_learning_rate=0.1, noise_multiplier=1.0, target_delta=1e-5, eval_every=0,
+    local_batch_size=4, local_learning_rate=0.1, local_optimizer="sgd", noise_multiplier=1.0, target_delta=1e-5, eval_every=0,
     disable_tqdm=True, seed=0,
 )
 

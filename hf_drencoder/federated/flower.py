@@ -45,6 +45,7 @@ from .flower_common import (GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PA
 from .flower_party import FlowerParty
 from .party import PARTY_CODES, PartyMessage
 from .server import FederatedServer
+from .server_optimizer import ServerOptimizer
 from .simulation import HISTORY_NAME, REPORT_NAME
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
@@ -90,6 +91,8 @@ class ClientLevelDPStrategy(Strategy):
         self.server = FederatedServer(layout, args.num_parties, args.sample_rate,
                                       args.max_update_norm if self.dp_enabled else math.inf, sigma, codec,
                                       args.sampling_seed, args.noise_seed, fixed_size=args.party_sampling == "fixed")
+        # post-processing of the released aggregates (no privacy cost); its state lives as long as the strategy
+        self.server_optimizer = ServerOptimizer.from_args(args)
         self.population: list[int] | None = None
         self.reported_party: dict[int, int] = {}  # node id -> the partition-id it reported
         self.participation = np.zeros(args.num_parties, dtype=np.int64)
@@ -188,7 +191,7 @@ class ClientLevelDPStrategy(Strategy):
             messages.append(message)
         failed += [i for n, i in self._sent.items() if n not in seen]  # no answer within round_timeout
         update = self.server.aggregate_round(messages, self.round)
-        new_global = self._global + self.args.server_learning_rate * update
+        new_global = self.server_optimizer.step(self._global, update)
         for m in messages:
             self.participation[m.party_id] += 1
         self.round += 1
@@ -278,6 +281,7 @@ class ClientLevelDPStrategy(Strategy):
             "rounds": self.round, **trust_report(a), "epsilon_server_view": self.server_view_bound(), "engine": "flower",
             "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
+            **self.server_optimizer.describe(),  # post-processing: not part of the accounting
         })
         return report
 

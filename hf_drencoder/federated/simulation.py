@@ -9,8 +9,8 @@ One round (docs/federated.md):
         m = clip_C(u) + N(0, sigma^2 C^2 I)          its own generator: nothing un-noised leaves it
         [encode with a linear codec]                 the message and its byte size
     server: R = sum m / sqrt(k) (k = 0: its own draw of one message's noise)
-        update = server_lr * decode(R / sqrt(q N))   q N is public; decoding is post-processing
-    global adapter += update; log epsilon (every accountant), eval metrics, uplink bytes, parties
+        update = decode(R / sqrt(q N))               q N is public; decoding is post-processing
+    global adapter = server optimizer step (fedavg: += server_lr * update; fedadam: Adam on -update); log epsilon (every accountant), eval metrics, uplink bytes, parties
 
 A party that raises is left out of the round (logged); the round is still counted with the same (sigma, q).
 """
@@ -41,6 +41,7 @@ from .arguments import FederatedArguments
 from .partition import partition_indices
 from .party import Party, PartyMessage, _model_inputs, log_party_failure, statistics_message
 from .server import FederatedServer, derive_seed, party_round_randomness
+from .server_optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class FederatedSimulation:
         self.participation = np.zeros(args.num_parties, dtype=np.int64)
         self.stats_participation = np.zeros(args.num_parties, dtype=np.int64)
         self.sampling_seed = args.sampling_seed if args.sampling_seed is not None else secrets.randbits(63)
+        # post-processing of the released aggregates: its state is saved with the federation, it costs no privacy
+        self.server_optimizer = ServerOptimizer.from_args(args)
         self._ready = False
         self._server_view_cache: dict = {}
 
@@ -264,7 +267,7 @@ class FederatedSimulation:
                 code = log_party_failure(pid, f"round {r + 1}", e)  # the full text: the party's log only
                 logger.warning("round %d: party %d is left out (%s)", r + 1, pid, code)
         update = self.server.aggregate_round(messages, r)
-        self._set_global(self._global_flat() + self.args.server_learning_rate * update)
+        self._set_global(self.server_optimizer.step(self._global_flat(), update))
         for m in messages:
             self.participation[m.party_id] += 1
         self.round += 1
@@ -379,6 +382,8 @@ class FederatedSimulation:
             "stats_noise_multiplier": a.stats_noise_multiplier if self.codec_spec == "auto" else None,
             **trust_report(a), "epsilon_server_view": self.server_view_bound(),
             "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
+            # post-processing of the released updates: not part of the accounting
+            **self.server_optimizer.describe(),
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
         })
         return report
@@ -388,14 +393,16 @@ class FederatedSimulation:
         a = self.args
         return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
                 "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
-                "codec": self.codec is not None, "noise_calibration": a.noise_calibration}
+                "codec": self.codec is not None, "noise_calibration": a.noise_calibration,
+                **self.server_optimizer.describe()}
 
     def save_state(self, folder: str) -> None:
         """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        save_file({"global": self._global_flat().contiguous()}, os.path.join(folder, ADAPTER_NAME))
+        save_file({"global": self._global_flat().contiguous(), **self.server_optimizer.state_tensors()},
+                  os.path.join(folder, ADAPTER_NAME))
         if self.codec is not None:
             self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))
         state = {
@@ -424,11 +431,15 @@ class FederatedSimulation:
         if has_codec:
             self.codec = GradientCodec.from_pretrained(os.path.join(folder, CODEC_DIR), model=self.model)
         mine, saved = self._fingerprint(), state["fingerprint"]
-        saved = {"noise_calibration": "distributed", **saved}  # states written before the option existed
+        # states written before these options existed
+        saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, **saved}
+        if "server_learning_rate" not in saved:
+            saved["server_learning_rate"] = mine["server_learning_rate"]
         diff = [k for k in mine if mine[k] != saved.get(k)]
         if diff:
             raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
-                             "sampling rate, clipping norm, noise calibration, model and LoRA configuration")
+                             "sampling rate, clipping norm, noise calibration, server optimizer, model and LoRA "
+                             "configuration")
         self.ledger.load_state_dict(state["ledger"])
         self.round = int(state["round"])
         # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
@@ -437,7 +448,9 @@ class FederatedSimulation:
         self.participation = np.asarray(state["participation"], dtype=np.int64)
         self.stats_participation = np.asarray(state["stats_participation"], dtype=np.int64)
         self.history = list(state["history"])
-        self._set_global(load_file(os.path.join(folder, ADAPTER_NAME))["global"])
+        tensors = load_file(os.path.join(folder, ADAPTER_NAME))
+        self._set_global(tensors["global"])
+        self.server_optimizer.load_state_tensors(tensors, self.layout.dim)
         logger.warning("resumed the federation from %s at round %d (epsilon spent %.4g)", folder, self.round,
                        self.ledger.metrics()["epsilon"])
 

@@ -1,0 +1,233 @@
+"""Federated defaults on the embedded MiniLM-L6 + Reuters-R8: local optimizer, server optimizer, DP at epsilon 8.
+
+    python benchmarks/federated_defaults.py --plan tune        # local settings, on 85/15 of the TRAIN split
+    python benchmarks/federated_defaults.py --plan final       # the headline rows on the test split
+    python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8
+    python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
+    python benchmarks/federated_defaults.py --table            # print the table of what was measured
+    python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
+
+Every row is 100 parties (``--plan population``: 1,000), a Dirichlet(0.5) split of the train rows by label
+(``partition_seed`` = the row's seed), Poisson party sampling at ~10 per round, and the model of the
+``hf-drencoder federated`` defaults (`hf_drencoder.federated.cli.FEDERATED_DEFAULTS`: 32 tokens, LoRA on query
+and value of the top two encoder layers) unless the row says otherwise. ``tune`` rows train on 85% of the train
+split and are scored on the other 15% (``train_test_split(test_size=0.15, seed=1234)``); ``final`` rows train on
+the whole train split and are scored on the whole test split (2,189 documents). Seeds: ``seed`` = ``sampling_seed``
+= ``noise_seed`` = ``partition_seed``, so rows with the same seed see the same parties, batches and noise.
+
+A run of R rounds is evaluated every 10 rounds, so a 20-round non-private row also gives its 10-round figure;
+a DP row is calibrated for its own number of rounds (a 20-round DP row spends epsilon 8 over 20 rounds).
+Rows are appended to ``benchmarks/results/federated_defaults.json`` as they finish (``--out`` to change it);
+rows already there are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "federated_defaults.json")
+
+# what every row starts from; a row overrides some of these
+BASE = dict(parties=100, per_round=10, alpha=0.5, rounds=10, epsilon=None, max_length=32, top_layers=2,
+            local_optimizer="adamw", local_lr=5e-3, local_steps=10, local_batch=16, server_optimizer="fedavg",
+            server_lr=1.0, clip=1.0, seed=0, split="test")
+
+
+def _row(name, **kw):
+    return dict(BASE, name=name, **kw)
+
+
+PLANS = {
+    # local settings, non-private, scored on the held-out 15% of the train split
+    "tune": [
+        _row("sgd-0.05x5", split="tune", local_optimizer="sgd", local_lr=0.05, local_steps=5),
+        _row("adamw-2e-3x10", split="tune", local_lr=2e-3),
+        _row("adamw-5e-3x10", split="tune"),
+        _row("adamw-1e-2x10", split="tune", local_lr=1e-2),
+        _row("adamw-5e-3x20", split="tune", local_steps=20),
+        _row("adamw-5e-3x10-b32", split="tune", local_batch=32),
+        _row("fedadam-1e-2", split="tune", server_optimizer="fedadam", server_lr=1e-2),
+        _row("fedadam-3e-2", split="tune", server_optimizer="fedadam", server_lr=3e-2),
+    ],
+    # headline rows on the test split (seeds 0, 1, 2)
+    "final": [
+        *[_row(f"default-nodp-s{s}", seed=s) for s in (0, 1, 2)],
+        *[_row(f"default-eps8-s{s}", epsilon=8.0, seed=s) for s in (0, 1, 2)],
+        *[_row(f"fedadam-nodp-s{s}", server_optimizer="fedadam", server_lr=1e-2, seed=s) for s in (0, 1, 2)],
+        *[_row(f"fedadam-3e-2-nodp-s{s}", server_optimizer="fedadam", server_lr=3e-2, seed=s) for s in (0, 1)],
+        *[_row(f"fedadam-3e-2-eps8-s{s}", epsilon=8.0, server_optimizer="fedadam", server_lr=3e-2, seed=s) for s in (0, 1)],
+        *[_row(f"default-nodp-r20-s{s}", rounds=20, seed=s) for s in (0, 1)],
+        *[_row(f"fedadam-eps8-s{s}", epsilon=8.0, server_optimizer="fedadam", server_lr=1e-2, seed=s) for s in (0, 1, 2)],
+        *[_row(f"default-eps8-r20-s{s}", epsilon=8.0, rounds=20, seed=s) for s in (0, 1)],
+        _row("old-sgd-nodp-s0", local_optimizer="sgd", local_lr=0.05, local_steps=5),
+    ],
+    "population": [
+        _row("population-eps8", parties=1000, per_round=100, epsilon=8.0, rounds=20),
+    ],
+}
+
+
+def lora_modules(top_layers: int, num_layers: int = 6) -> list[str]:
+    return [f"layer.{i}.attention.self.{m}" for i in range(num_layers - top_layers, num_layers) for m in ("query", "value")]
+
+
+_DATA = {}
+
+
+def load_data(max_length: int):
+    if max_length not in _DATA:
+        from transformers import AutoTokenizer
+
+        from hf_drencoder.embedded import load_reuters, minilm_path, tokenize_dataset
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        data = tokenize_dataset(load_reuters("r8"), tokenizer, max_length=max_length)
+        split = data["train"].train_test_split(test_size=0.15, seed=1234)
+        _DATA[max_length] = dict(test=(data["train"], data["test"]), tune=(split["train"], split["test"]),
+                                 num_labels=data["train"].features["labels"].num_classes)
+    return _DATA[max_length]
+
+
+def run_row(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_drencoder.embedded import minilm_path
+    from hf_drencoder.federated import FederatedArguments, FederatedSimulation
+    from hf_drencoder.metrics import classification_compute_metrics
+
+    data = load_data(spec["max_length"])
+    train, evaluation = data[spec["split"]]
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data["num_labels"])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        kw = dict(
+            output_dir=out, num_parties=spec["parties"], parties_per_round=spec["per_round"], partition="dirichlet",
+            dirichlet_alpha=spec["alpha"], partition_seed=spec["seed"], num_rounds=spec["rounds"],
+            local_steps=spec["local_steps"], local_batch_size=spec["local_batch"], local_learning_rate=spec["local_lr"],
+            local_optimizer=spec["local_optimizer"], server_learning_rate=spec["server_lr"],
+            max_update_norm=spec["clip"], eval_every=10, seed=spec["seed"], sampling_seed=spec["seed"],
+            noise_seed=spec["seed"], disable_tqdm=True, lora_r=8, lora_alpha=16,
+            lora_target_modules=lora_modules(spec["top_layers"]), per_device_eval_batch_size=256,
+        )
+        if spec["server_optimizer"] != "fedavg":
+            kw["server_optimizer"] = spec["server_optimizer"]
+        if spec["epsilon"] is None:
+            kw["disable_dp"] = True
+        else:
+            kw["target_epsilon"] = spec["epsilon"]
+        sim = FederatedSimulation(model, train, FederatedArguments(**kw), eval_dataset=evaluation,
+                                  compute_metrics=classification_compute_metrics())
+        history = sim.run()
+        report = sim.privacy_report()
+    train_rounds = [h for h in history if h.get("stage") == "train"]
+    evals = {h["round"]: dict(accuracy=h["eval_accuracy"], macro_f1=h["eval_macro_f1"], eval_loss=h["eval_loss"])
+             for h in train_rounds if "eval_accuracy" in h}
+    last = evals[max(evals)]
+    return dict(spec, accuracy=last["accuracy"], macro_f1=last["macro_f1"], by_round=evals,
+                epsilon=report["epsilon"] if spec["epsilon"] is not None else None,
+                noise_multiplier=report.get("noise_multiplier"), accountant=report.get("accountant"),
+                delta=report.get("delta"), rounds_run=len(train_rounds),
+                mean_parties_per_round=sum(h["num_received"] for h in train_rounds) / max(1, len(train_rounds)),
+                mean_update_norm=sum(h["update_norm"] for h in train_rounds) / max(1, len(train_rounds)),
+                train_examples=len(train), eval_examples=len(evaluation),
+                wall_s=round(time.perf_counter() - start, 1), threads=torch.get_num_threads())
+
+
+def load(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["rows"]
+    return []
+
+
+def save(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows) -> str:
+    head = (f"{'row':24s} {'split':5s} {'local':15s} {'server':14s} {'eps':>5s} {'rounds':>6s} {'acc@10':>7s} "
+            f"{'F1@10':>7s} {'acc@20':>7s} {'F1@20':>7s} {'wall s':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        e10, e20 = r["by_round"].get("10") or r["by_round"].get(10), r["by_round"].get("20") or r["by_round"].get(20)
+        local = f"{r['local_optimizer']} {r['local_lr']:g}x{r['local_steps']}/{r['local_batch']}"
+        server = f"{r['server_optimizer']} {r['server_lr']:g}"
+        lines.append(
+            f"{r['name']:24s} {r['split']:5s} {local:15s} {server:14s} {_fmt(r['epsilon'], '.2f'):>5s} {r['rounds_run']:>6d} "
+            f"{_fmt(e10 and e10['accuracy']):>7s} {_fmt(e10 and e10['macro_f1']):>7s} {_fmt(e20 and e20['accuracy']):>7s} "
+            f"{_fmt(e20 and e20['macro_f1']):>7s} {r['wall_s']:>7.0f}")
+    return "\n".join(lines)
+
+
+def markdown(rows) -> str:
+    """The rows of the test split grouped over seeds: mean accuracy and macro-F1 at the last round, and each seed's."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            groups.setdefault(r["name"].rsplit("-s", 1)[0], []).append(r)
+    lines = ["| row | local | server | ε | rounds | seeds | accuracy | macro-F1 | per seed (accuracy / macro-F1) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        r = rs[0]
+        acc = sum(x["accuracy"] for x in rs) / len(rs)
+        f1 = sum(x["macro_f1"] for x in rs) / len(rs)
+        each = ", ".join(f"{x['accuracy']:.3f} / {x['macro_f1']:.3f}" for x in sorted(rs, key=lambda x: x["seed"]))
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        lines.append(f"| {name} | {r['local_optimizer']} lr {r['local_lr']:g}, {r['local_steps']} steps of "
+                     f"{r['local_batch']} | {r['server_optimizer']} lr {r['server_lr']:g} | {eps} | {r['rounds_run']} | "
+                     f"{len(rs)} | {acc:.3f} | {f1:.3f} | {each} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hf_drencoder.federated.simulation").setLevel(logging.INFO)  # one line per round
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--plan", choices=list(PLANS), default="final")
+    p.add_argument("--only", nargs="*", help="Row names of the plan to run (default: all).")
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--table", action="store_true", help="Only print the table of the rows measured.")
+    p.add_argument("--markdown", action="store_true", help="Only print the test rows grouped over seeds, as markdown.")
+    a = p.parse_args(argv)
+    rows = load(a.out)
+    if a.markdown:
+        print(markdown(rows))
+        return
+    if not a.table:
+        for spec in PLANS[a.plan]:
+            if a.only and spec["name"] not in a.only:
+                continue
+            if any(r["name"] == spec["name"] for r in rows):
+                continue
+            print(f"[federated_defaults {time.strftime('%H:%M:%S')}] {spec['name']}", flush=True)
+            row = run_row(spec)
+            rows = [r for r in load(a.out) if r["name"] != row["name"]] + [row]  # other processes may write too
+            save(a.out, rows)
+            print(f"  accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, {row['wall_s']:.0f} s", flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
