@@ -28,7 +28,7 @@ demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/hf-drencoder demo $(ARGS)
 
 test: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 docs: $(BIN)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

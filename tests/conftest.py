@@ -125,3 +125,16 @@ def tiny_chat_llama(tmp_path):
     model.save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def quiet_library_logs():
+    """hf_drencoder's own log at ERROR for one test (the audit runs many trainings); the level is restored after
+    it, so later tests that read the log (caplog) still see the library's warnings."""
+    import logging
+
+    logger = logging.getLogger("hf_drencoder")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)

@@ -3,7 +3,6 @@ must find leakage when there is no privacy, stay below the accountant when there
 whose noise, clipping or accounting is broken."""
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -29,9 +28,7 @@ from hf_drencoder.privacy.mechanism import GaussianGradientMechanism
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("hf_drencoder").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_library_logs")
 
 
 # ---- the statistics ----

@@ -3,7 +3,6 @@ server's aggregation. It must find leakage without DP, stay below the client-lev
 catch parties whose noise is switched off while the ledger still reports a finite epsilon."""
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -24,9 +23,7 @@ DELTA, ROUNDS, M = 1e-5, 3, 256
 SIGMA = math.sqrt(ROUNDS) / 0.5  # every-round canaries: mu = sqrt(T) / sigma = 0.5, epsilon ~ 2 at 1e-5
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("hf_drencoder").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_library_logs")
 
 
 def simulation(tmp_path, **kw):

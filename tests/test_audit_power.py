@@ -9,7 +9,6 @@ every seed (ideal audit: at least 4.7 over 10 seeds), so every seed FAILS on the
 check. The full benchmark measures 10 seeds at m = 50,000.
 """
 
-import logging
 import math
 import statistics
 
@@ -25,7 +24,6 @@ from hf_drencoder import DRTrainer
 from hf_drencoder.audit import (
     epsilon_lower_bound,
     guesses_for,
-    lower_bound_from_scores,
     make_input_canaries,
     noise_check,
     run_audit,
@@ -47,9 +45,7 @@ from hf_drencoder.privacy.mechanism import GaussianGradientMechanism
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("hf_drencoder").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_library_logs")
 
 
 def logit(q):
@@ -244,8 +240,9 @@ def test_white_box_power_at_reported_epsilon_4(tmp_path, monkeypatch):
     ok = [audit(tmp_path, s, 4.0, monkeypatch) for s in SEEDS]
     bad = [audit(tmp_path, s, 8.0, monkeypatch) for s in SEEDS]
     for r in ok + bad:
-        assert r.epsilon_accountant == pytest.approx(4.0, abs=0.02) and r.guesses == 2 * round(0.016 * M)
-        assert r.bound == "gdp" and r.mu_accountant == pytest.approx(0.9225, abs=2e-3)
+        # calibrated within 1% below the target (docs/privacy.md)
+        assert 0.99 * 4.0 <= r.epsilon_accountant <= 4.0 and r.guesses == 2 * round(0.016 * M)
+        assert r.bound == "gdp" and r.mu_accountant == pytest.approx(0.9225, rel=0.01)
         assert r.epsilon_lower_bound == pytest.approx(gdp_epsilon_at(r.mu_lower_bound, DELTA))
         assert r.epsilon_lower_bound_eps_delta < r.epsilon_lower_bound  # the (epsilon, delta) bound, weaker
     bounds = [r.epsilon_lower_bound for r in ok]
