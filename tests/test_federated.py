@@ -73,6 +73,25 @@ def test_dirichlet_partition_sizes_and_label_skew():
     assert skewed == partition_indices(data, 20, "dirichlet", alpha=0.1, seed=0)
 
 
+def test_equal_size_dirichlet_partition_gives_thousands_of_small_skewed_parties():
+    # 1,000 parties on 5,500 rows: the per-class Dirichlet split cannot give every party a row, this one can
+    data = _labelled(5500, 8)
+    labels = np.asarray(data["labels"])
+    with pytest.raises(ValueError, match="raise alpha"):
+        partition_indices(data, 1000, "dirichlet", alpha=0.5, seed=0)
+    parts = partition_indices(data, 1000, "dirichlet_equal_size", alpha=0.5, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(5500))  # disjoint and complete
+    assert sorted({len(p) for p in parts}) == [5, 6]
+    dominant = np.mean([np.bincount(labels[p], minlength=8).max() / len(p) for p in parts])
+    iid = partition_indices(data, 1000, "iid", seed=0)
+    dominant_iid = np.mean([np.bincount(labels[p], minlength=8).max() / len(p) for p in iid])
+    assert dominant > dominant_iid + 0.2  # label skew, against ~0.4 for an IID split of 5-6 rows
+    near_iid = partition_indices(data, 1000, "dirichlet_equal_size", alpha=1e4, seed=0)
+    assert abs(np.mean([np.bincount(labels[p], minlength=8).max() / len(p) for p in near_iid]) - dominant_iid) < 0.05
+    assert parts == partition_indices(data, 1000, "dirichlet_equal_size", alpha=0.5, seed=0)
+    assert parts != partition_indices(data, 1000, "dirichlet_equal_size", alpha=0.5, seed=1)
+
+
 def test_dirichlet_partition_refuses_an_impossible_split():
     with pytest.raises(ValueError, match="raise alpha"):
         partition_indices(_labelled(30, 3), 25, "dirichlet", alpha=0.01, seed=0)

@@ -83,11 +83,31 @@ def trust_report(args) -> dict:
             "trust": "none: each party's message alone is a Gaussian mechanism with sensitivity C on its data "
                      "(local DP at the party, accounted at q = 1 over every round, no amplification)",
         }
-    return {
-        "noise_calibration": "distributed",
-        "trust": "every sampled party adds its noise (the server cannot check it) and the sampled set stays secret; "
-                 "the epsilon is amplified by party sampling. Against the server: epsilon_server_view",
-    }
+    shares = int(getattr(args, "noise_shares", 1))
+    trust = ("every sampled party adds its noise (the server cannot check it) and the sampled set stays secret; "
+             "the epsilon is amplified by party sampling. Against the server: epsilon_server_view")
+    if shares > 1:
+        trust += (f". noise_shares={shares}: each message carries 1/{shares} of the aggregate's noise variance and the "
+                  f"server adds the missing shares when fewer than {shares} parties answer, so the epsilon also relies "
+                  "on the server doing so; one message alone is private only at party_noise_multiplier (use secure "
+                  "aggregation, or a server you trust with the messages)")
+    return {"noise_calibration": "distributed", "trust": trust}
+
+
+def aggregation_report(args, sigma: float | None) -> dict:
+    """How the aggregate is formed and what each message carries (docs/federated.md, "Noise shares")."""
+    from .server import aggregate_sensitivity
+
+    m = int(getattr(args, "noise_shares", 1))
+    h = aggregate_sensitivity(m)
+    party = None if sigma is None or args.disable_dp else sigma * h / math.sqrt(m)
+    if m == 1:
+        text = "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))"
+    else:
+        text = (f"each party adds 1/{m} of the noise variance; R = (sum of messages + the server's top-up to {m} "
+                f"parties' noise when fewer arrive) * sqrt({m} / max(k, {m})); update = decode(R / sqrt({m} q N))")
+    return {"aggregation": text, "noise_shares": m, "aggregate_sensitivity": h * args.max_update_norm,
+            "party_noise_multiplier": party}
 
 
 def account_codec_prior(ledger: PrivacyLedger, codec, local: bool = False) -> None:

@@ -40,8 +40,13 @@ class FederatedArguments:
             message alone (local DP at the party): accounted at q = 1 over every round, with no amplification,
             so a party's guarantee does not depend on the server or on any other party (docs/federated.md).
 
-    Each sampled party adds its own noise N(0, sigma^2 C^2 I) before anything leaves it; the server sums the
-    messages it receives and divides by sqrt(number received). docs/federated.md has the argument.
+        noise_shares: m (default 1). Each sampled party adds 1/m of the aggregate's noise variance; the server
+            adds the shares of missing parties below m and scales by sqrt(m / max(k, m)), so the aggregate's noise
+            is the same whoever answers. m about q N cuts the model's noise by about sqrt(m) / 1.5 at the same
+            epsilon; one message alone is then private only at ``party_noise_multiplier`` (docs/federated.md).
+
+    Each sampled party adds its own noise N(0, sigma^2 C^2 I) before anything leaves it (noise_shares = 1); the
+    server sums the messages it receives and divides by sqrt(number received). docs/federated.md has the argument.
 
     Optimization (none of it changes the accounting):
         local_optimizer / local_learning_rate / local_steps / local_batch_size: each sampled party's training
@@ -55,13 +60,14 @@ class FederatedArguments:
 
     output_dir: str = field(default="federated_output", metadata={"help": "Where the history, the adapter, the privacy report and resumable states go."})
     num_parties: int = field(default=100, metadata={"help": "Number of parties the training set is split into."})
-    partition: str = field(default="iid", metadata={"help": "iid, or dirichlet (non-IID by the label column).", "choices": list(PARTITIONS)})
+    partition: str = field(default="iid", metadata={"help": "iid; dirichlet (non-IID by the label column: each class divided among parties); dirichlet_equal_size (every party the same size, its own Dirichlet label mix: for thousands of small parties).", "choices": list(PARTITIONS)})
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Concentration of the Dirichlet split: small = each party has few classes."})
     label_column: str | None = field(default=None, metadata={"help": "Column the Dirichlet split is made by (default: labels, else label)."})
     partition_seed: int = field(default=0, metadata={"help": "Seed of the split of the data among parties."})
     num_rounds: int = field(default=30, metadata={"help": "Training rounds planned (the noise is calibrated for them)."})
     party_sampling: str = field(default="poisson", metadata={"help": "poisson: each party joins a round with rate q. fixed: exactly parties_per_round parties without replacement, accounted under replace-one adjacency (sensitivity 2C) by dp-accounting's RDP bound for sampling without replacement; needs accountant=rdp (see docs/federated.md).", "choices": list(PARTY_SAMPLING)})
     noise_calibration: str = field(default="distributed", metadata={"help": "distributed: each party's noise is calibrated for the aggregate sum/sqrt(k); the epsilon is amplified by party sampling and holds only if every sampled party adds its noise, which the server cannot check (see docs/federated.md, trust model). local: each party's noise is calibrated for its own message alone (local DP at the party, accounted at q = 1 with no amplification); a party's guarantee then depends on no one else, at the price of far more noise for the same epsilon.", "choices": list(NOISE_CALIBRATIONS)})
+    noise_shares: int = field(default=1, metadata={"help": "m: each sampled party adds 1/m of the aggregate's noise variance, and the server adds the missing shares when fewer than m answer, so the released aggregate always carries its full noise. 1 (default): every message alone carries the full noise (private at sigma even against the server), and the model gets sqrt(q N) times more noise than a central mechanism. About q N (the expected parties per round): about sqrt(m)/1.5 times less noise on the model at the same epsilon, but one message alone is private only at party_noise_multiplier = 1.5 sigma / sqrt(m) or so (epsilon_server_view): use it with secure aggregation or a server you trust with the messages. Poisson sampling and distributed calibration only (docs/federated.md)."})
     parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
     local_steps: int = field(default=10, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
     local_batch_size: int = field(default=16, metadata={"help": "Batch size of the local steps."})
@@ -128,6 +134,14 @@ class FederatedArguments:
             raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: choose one of {', '.join(PARTY_SAMPLING)}")
         if self.noise_calibration not in NOISE_CALIBRATIONS:
             raise ValueError(f"noise_calibration={self.noise_calibration!r} is unknown: choose one of {', '.join(NOISE_CALIBRATIONS)}")
+        if int(self.noise_shares) != self.noise_shares or self.noise_shares < 1:
+            raise ValueError(f"noise_shares must be a whole number >= 1, got {self.noise_shares}")
+        if self.noise_shares > 1 and self.noise_calibration == "local":
+            raise ValueError("noise_shares > 1 splits the aggregate's noise among the parties, but noise_calibration='local' "
+                             "means each message alone carries its full noise: use noise_shares=1, or distributed calibration")
+        if self.noise_shares > 1 and self.party_sampling == "fixed":
+            raise ValueError("noise_shares > 1 is analysed for Poisson party sampling only: use party_sampling='poisson', "
+                             "or noise_shares=1")
         if self.party_sampling == "fixed":
             if self.parties_per_round != int(self.parties_per_round):
                 raise ValueError(f"party_sampling='fixed' needs a whole parties_per_round, got {self.parties_per_round}")

@@ -90,7 +90,8 @@ class ClientLevelDPStrategy(Strategy):
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(layout, args.num_parties, args.sample_rate,
                                       args.max_update_norm if self.dp_enabled else math.inf, sigma, codec,
-                                      args.sampling_seed, args.noise_seed, fixed_size=args.party_sampling == "fixed")
+                                      args.sampling_seed, args.noise_seed, fixed_size=args.party_sampling == "fixed",
+                                      noise_shares=args.noise_shares)
         # post-processing of the released aggregates (no privacy cost); its state lives as long as the strategy
         self.server_optimizer = ServerOptimizer.from_args(args)
         self.population: list[int] | None = None
@@ -134,7 +135,7 @@ class ClientLevelDPStrategy(Strategy):
         self.ledger.record_step()
         a, s = self.args, self.server
         cfg = {
-            "round-index": r, "num-parties": a.num_parties, "noise-multiplier": s.noise_multiplier,
+            "round-index": r, "num-parties": a.num_parties, "noise-multiplier": s.party_noise_multiplier,
             "max-update-norm": s.max_norm, "decode-noise-std": s.decode_noise_std, "layout": self.layout.fingerprint,
             "codec": self.codec is not None, "local-steps": a.local_steps, "local-batch-size": a.local_batch_size,
             "local-learning-rate": a.local_learning_rate, "local-optimizer": a.local_optimizer, "seed": a.seed,
@@ -261,7 +262,7 @@ class ClientLevelDPStrategy(Strategy):
         """epsilon against the server of a party that answered every round so far (public: no sample in it)."""
         if not self.dp_enabled:
             return math.inf
-        return server_view_bound(0, self.round, self.ledger.noise_multiplier, 0.0, self.args.delta)
+        return server_view_bound(0, self.round, self.server.party_noise_multiplier, 0.0, self.args.delta)
 
     def server_view_epsilon(self) -> float:
         """epsilon of the most exposed party against the server (see `.accounting.server_view_epsilon`):
@@ -269,7 +270,7 @@ class ClientLevelDPStrategy(Strategy):
         if not self.dp_enabled:
             return math.inf
         zeros = [0] * len(self.participation)
-        return server_view_epsilon(self.participation.tolist(), zeros, self.ledger.noise_multiplier, 0.0, self.args.delta)
+        return server_view_epsilon(self.participation.tolist(), zeros, self.server.party_noise_multiplier, 0.0, self.args.delta)
 
     def privacy_report(self) -> dict:
         """The privacy report written next to the model: nothing in it depends on who took part."""
@@ -279,7 +280,7 @@ class ClientLevelDPStrategy(Strategy):
             "privacy_unit": "party", "num_parties": a.num_parties, "expected_parties_per_round": a.sample_rate * a.num_parties,
             "party_sampling": f"{a.party_sampling} (by the strategy, over the fixed population)", "max_update_norm": a.max_update_norm,
             "rounds": self.round, **trust_report(a), "epsilon_server_view": self.server_view_bound(), "engine": "flower",
-            "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
+            **aggregation_report(a, self.ledger.noise_multiplier),
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
             **self.server_optimizer.describe(),  # post-processing: not part of the accounting
         })

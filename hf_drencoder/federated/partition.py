@@ -1,17 +1,24 @@
 """Splitting one dataset into the private datasets of N parties: IID, or non-IID by a label column.
 
-Dirichlet(alpha) non-IID (Hsu, Qi and Brown 2019; Yurochkin et al. 2019): for every class c the rows of
-that class are divided among the parties in proportions ``p_c ~ Dirichlet(alpha * 1_N)``. Small alpha gives
-each party few classes; large alpha approaches the IID split. Every party must end up with at least
-``min_size`` rows: the proportions are redrawn (from the same seeded generator) until that holds, and a
-split that cannot be found is an error that says which knob to turn.
+Two non-IID schemes by label, both with concentration ``alpha`` (small alpha: each party holds few classes; large
+alpha approaches the IID split):
+
+* ``dirichlet`` (Yurochkin et al. 2019): for every class c the rows of that class are divided among the parties in
+  proportions ``p_c ~ Dirichlet(alpha * 1_N)``, so party sizes vary too. Every party must end up with at least
+  ``min_size`` rows: the proportions are redrawn (from the same seeded generator) until that holds, and a split
+  that cannot be found is an error that says which knob to turn. With many parties and few rows each (1,000
+  parties on a few thousand rows) no such split exists.
+* ``dirichlet_equal_size`` (Hsu, Qi and Brown 2019): every party gets the same number of rows (sizes differ by at
+  most one) and its own label mix ``q_i ~ Dirichlet(alpha * p)``, ``p`` the dataset's class frequencies; its rows
+  are drawn without replacement from the classes in those proportions (a class that runs out is dropped from the
+  mix). This is the scheme for populations of thousands of small parties.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_equal_size")
 _MAX_REDRAWS = 1000
 
 
@@ -38,7 +45,8 @@ def partition_indices(
     """Row indices of each party: disjoint, covering ``dataset``, every party with ``>= min_size`` rows.
 
     ``iid``: a seeded shuffle cut into ``num_parties`` pieces whose sizes differ by at most one.
-    ``dirichlet``: per class, proportions drawn from Dirichlet(``alpha``) (see the module docstring).
+    ``dirichlet``: per class, proportions drawn from Dirichlet(``alpha``); ``dirichlet_equal_size``: equal sizes,
+    a Dirichlet(``alpha * p``) label mix per party (see the module docstring).
     """
     n = len(dataset)
     if scheme not in PARTITIONS:
@@ -62,6 +70,8 @@ def partition_indices(
     if labels.ndim != 1:
         raise ValueError(f"label column {column!r} must hold one label per row (a Dirichlet split needs classes)")
     classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    if scheme == "dirichlet_equal_size":
+        return _equal_size_label_mix(classes, n, num_parties, alpha, rng)
     for _ in range(_MAX_REDRAWS):
         parts: list[list[int]] = [[] for _ in range(num_parties)]
         for rows in classes:
@@ -76,6 +86,29 @@ def partition_indices(
         f"no Dirichlet(alpha={alpha}) split of {n} rows ({len(classes)} classes) gave all {num_parties} parties "
         f">= {min_size} row(s) in {_MAX_REDRAWS} draws: raise alpha, use fewer parties, or lower min_size"
     )
+
+
+def _equal_size_label_mix(classes: list[np.ndarray], n: int, num_parties: int, alpha: float,
+                          rng: np.random.Generator) -> list[list[int]]:
+    """Hsu et al. 2019: party i gets ``n // N`` or ``n // N + 1`` rows with label mix ``Dirichlet(alpha * p)``."""
+    pools = [list(rng.permutation(rows)) for rows in classes]
+    prior = np.array([len(rows) for rows in classes], dtype=float) / n
+    sizes = [len(part) for part in np.array_split(np.arange(n), num_parties)]
+    parts: list[list[int]] = []
+    for size in sizes:
+        mix = rng.dirichlet(alpha * prior)
+        mine: list[int] = []
+        while len(mine) < size:
+            left = np.array([len(pool) for pool in pools], dtype=float)
+            weights = mix * (left > 0)
+            # every class this party would draw from is used up: draw from what remains, in proportion to it
+            weights = weights / weights.sum() if weights.sum() > 0 else left / left.sum()
+            counts = rng.multinomial(size - len(mine), weights)
+            for c, k in enumerate(counts):
+                take = min(int(k), len(pools[c]))
+                mine.extend(int(pools[c].pop()) for _ in range(take))
+        parts.append(sorted(mine))
+    return parts
 
 
 def partition_dataset(dataset, num_parties: int, scheme: str = "iid", alpha: float = 0.5, label_column=None, seed: int = 0,

@@ -12,6 +12,15 @@ its noise variance k sigma^2 C^2 reveals how many parties took part, which the s
 The update applied is ``decode(R / sqrt(E[k]))`` at noise ``sigma C / sqrt(E[k])``, with E[k] = q N a public
 constant; everything after R is post-processing. A linear encoder commutes with the sum, so latents are
 aggregated the same way and decoded once.
+
+Noise shares (``noise_shares = m > 1``): each party adds only ``N(0, s^2 I)`` with ``s = h sigma C / sqrt(m)``,
+the server adds ``N(0, (m - k) s^2 I)`` when k < m messages arrive, and scales the total by
+``sqrt(m / max(k, m))``, so the noise in R is ``N(0, (h sigma C)^2 I)`` whatever k is and
+``f(S) = sqrt(m / max(|S|, m)) sum clip(u_i)``, whose add/remove-one sensitivity is at most ``h C`` with
+``h = max(1, m - sqrt(m) (m - 1) / sqrt(m + 1))`` (`aggregate_sensitivity`; h < 1.5 for every m): R is again the
+Gaussian mechanism with multiplier sigma. With m = q N the update ``R / sqrt(m q N)`` carries about
+``sqrt(q N) / h`` times less noise than with m = 1, and each message alone is private against whoever reads it
+only at multiplier ``h sigma / sqrt(m)``. m = 1 is the mechanism above, value for value.
 """
 
 from __future__ import annotations
@@ -65,6 +74,19 @@ def aggregate(payloads: Sequence[torch.Tensor], phantom: Callable[[], torch.Tens
     return torch.stack([p.float() for p in payloads]).sum(0) / math.sqrt(len(payloads))
 
 
+def aggregate_sensitivity(noise_shares: int) -> float:
+    """``h(m)``: the add/remove-one sensitivity, in units of C, of ``f(S) = sqrt(m / max(|S|, m)) sum_{i in S} clip(u_i)``.
+
+    Below m messages f is a plain sum (sensitivity C). From k >= m to k + 1 (b the clipped sum of the k, v the new
+    party's clipped update): ``sqrt(m) ||(b + v) / sqrt(k + 1) - b / sqrt(k)|| <= sqrt(m) C (sqrt(k) - (k - 1) / sqrt(k + 1))``
+    (docs/federated.md), attained by ``v = -b / k`` with ``||b|| = k C``, and decreasing in k: its value at k = m
+    is the maximum. From k = m - 1 to m the scale is 1 on both sides (change ``v``)."""
+    m = int(noise_shares)
+    if m < 1:
+        raise ValueError(f"noise_shares must be >= 1, got {noise_shares}")
+    return max(1.0, m - math.sqrt(m) * (m - 1) / math.sqrt(m + 1))
+
+
 def derive_seed(base: int | None, *parts: int) -> int | None:
     """A 63-bit seed from ``base`` and ``parts`` (None stays None: fresh OS entropy downstream)."""
     if base is None:
@@ -94,10 +116,13 @@ class FederatedServer:
         sampling_seed: seed of the sampling; None draws one from OS entropy. It is secret like the noise
             (amplification by sampling assumes nobody knows who took part), so it is never written to a state.
         noise_seed: seed of the server's own noise draws (the k = 0 case); None: OS entropy.
+        noise_shares: m; each party adds 1/m of the aggregate's noise variance and the server tops up below m
+            messages (see the module docstring). 1: every message carries the full noise.
     """
 
     def __init__(self, layout: LoraLayout, num_parties: int, sample_rate: float, max_norm: float, noise_multiplier: float,
-                 codec=None, sampling_seed: int | None = None, noise_seed: int | None = None, fixed_size: bool = False):
+                 codec=None, sampling_seed: int | None = None, noise_seed: int | None = None, fixed_size: bool = False,
+                 noise_shares: int = 1):
         if not (0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.layout = layout
@@ -110,6 +135,11 @@ class FederatedServer:
         self.codec = codec
         self.sampling_seed = sampling_seed if sampling_seed is not None else secrets.randbits(63)
         self.noise_seed = noise_seed
+        if int(noise_shares) != noise_shares or noise_shares < 1:
+            raise ValueError(f"noise_shares must be a whole number >= 1, got {noise_shares}")
+        if noise_shares > 1 and fixed_size:
+            raise ValueError("noise_shares > 1 is analysed for Poisson party sampling only: use party_sampling='poisson'")
+        self.noise_shares = int(noise_shares)
         if codec is not None:
             codec.check_layout(layout)
             check_linear_codec(codec, self.decode_noise_std or None)
@@ -124,9 +154,25 @@ class FederatedServer:
         return self.sample_rate * self.num_parties
 
     @property
+    def sensitivity(self) -> float:
+        """h(m) C: the sensitivity of the aggregate R; its noise std is ``noise_multiplier`` times this."""
+        return aggregate_sensitivity(self.noise_shares) * self.max_norm
+
+    @property
+    def party_noise_multiplier(self) -> float:
+        """The multiplier of each party's own noise: its message is ``clip_C(u) + N(0, (this * C)^2 I)``, which is
+        also what one message alone guarantees against whoever reads it (the server). sigma when m = 1."""
+        return self.noise_multiplier * aggregate_sensitivity(self.noise_shares) / math.sqrt(self.noise_shares)
+
+    @property
+    def update_scale(self) -> float:
+        """The public normaliser of R: ``sqrt(m E[k])`` (R is about this times the mean clipped update)."""
+        return math.sqrt(self.noise_shares * self.expected_parties)
+
+    @property
     def decode_noise_std(self) -> float:
-        """Per-coordinate noise std of ``R / sqrt(E[k])``: what the codec decodes at (0 without DP)."""
-        return self.noise_multiplier * self.max_norm / math.sqrt(self.expected_parties) if self.dp_enabled else 0.0
+        """Per-coordinate noise std of ``R / sqrt(m E[k])``: what the codec decodes at (0 without DP)."""
+        return self.noise_multiplier * self.sensitivity / self.update_scale if self.dp_enabled else 0.0
 
     @property
     def message_bytes(self) -> int:
@@ -146,16 +192,30 @@ class FederatedServer:
         return make_generator("cpu", derive_seed(self.noise_seed, *parts))
 
     # training rounds ---------------------------------------------------------------------------------------
-    def phantom_message(self, round_index: int) -> torch.Tensor:
-        """The k = 0 aggregate: one message's noise on a zero update, encoded like a party's message."""
+    def phantom_message(self, round_index: int, shares: int = 1) -> torch.Tensor:
+        """The server's own noise of a round with fewer than m messages: ``shares`` parties' noise on a zero update
+        (m - k of them; m = 1, k = 0: one message's noise), encoded like a party's message."""
         g = self._generator(1, round_index)
-        noise = gaussian_noise_like(torch.zeros(self.layout.dim), self.noise_multiplier * self.max_norm, g)
+        std = self.party_noise_multiplier * self.max_norm * math.sqrt(shares)
+        noise = gaussian_noise_like(torch.zeros(self.layout.dim), std, g)
         return encode_message(noise, self.codec, self.decode_noise_std or None)[0]
+
+    def noised_aggregate(self, payloads: Sequence[torch.Tensor], round_index: int) -> torch.Tensor:
+        """R: ``sum / sqrt(k)`` (m = 1), or the sum topped up to m parties' noise and scaled by
+        ``sqrt(m / max(k, m))``; its noise is ``N(0, (h sigma C)^2)`` for every k."""
+        m, k = self.noise_shares, len(payloads)
+        if m == 1:
+            return aggregate(payloads, lambda: self.phantom_message(round_index))
+        total = torch.stack([p.float() for p in payloads]).sum(0) if payloads else None
+        if k < m:
+            top_up = self.phantom_message(round_index, shares=m - k).float()
+            total = top_up if total is None else total + top_up
+        return total * math.sqrt(m / max(k, m))
 
     def aggregate_round(self, messages: Sequence[PartyMessage], round_index: int) -> torch.Tensor:
         """The decoded update of a round (before the server learning rate), as a flat ``[dim]`` vector.
 
-        Under DP: ``decode(R / sqrt(E[k]))``; without: ``decode(sum / k)`` (zero when nobody answered). With a
+        Under DP: ``decode(R / sqrt(m E[k]))``; without: ``decode(sum / k)`` (zero when nobody answered). With a
         codec its temporal state observes the decoded update only (already private)."""
         want = "latent" if self.codec is not None else "update"
         for m in messages:
@@ -163,7 +223,7 @@ class FederatedServer:
                 raise ValueError(f"party {m.party_id} sent a {m.kind!r} message; this round expects {want!r}")
         payloads = [m.payload for m in messages]
         if self.dp_enabled:
-            y = aggregate(payloads, lambda: self.phantom_message(round_index)) / math.sqrt(self.expected_parties)
+            y = self.noised_aggregate(payloads, round_index) / self.update_scale
         elif payloads:
             y = torch.stack(payloads).sum(0) / len(payloads)
         else:
@@ -213,4 +273,4 @@ class FederatedServer:
         return {"noise_seed": self.noise_seed}
 
 
-__all__ = ["FederatedServer", "NonLinearCodecError", "aggregate", "check_linear_codec", "derive_seed"]
+__all__ = ["FederatedServer", "NonLinearCodecError", "aggregate", "aggregate_sensitivity", "check_linear_codec", "derive_seed"]

@@ -6,9 +6,9 @@ One round (docs/federated.md):
     each sampled party, from the global adapter:
         local steps on its own data                  non-private locally: the unit is the party
         update u = local - global (flat LoRA tensors)
-        m = clip_C(u) + N(0, sigma^2 C^2 I)          its own generator: nothing un-noised leaves it
-        [encode with a linear codec]                 the message and its byte size
-    server: R = sum m / sqrt(k) (k = 0: its own draw of one message's noise)
+        m = clip_C(u) + N(0, s^2 I)                  its own generator: nothing un-noised leaves it
+        [encode with a linear codec]                 the message and its byte size (s = sigma C with noise_shares=1)
+    server: R = sum m / sqrt(k) (k = 0: its own draw of one message's noise; noise_shares: server.py)
         update = decode(R / sqrt(q N))               q N is public; decoding is post-processing
     global adapter = server optimizer step (fedavg: += server_lr * update; fedadam: Adam on -update); log epsilon (every accountant), eval metrics, uplink bytes, parties
 
@@ -35,12 +35,12 @@ from ..losses import infer_task, per_sample_losses
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
 from ..codec.statistics import PARTS, _part_sizes
-from .accounting import (account_codec_prior, accounting_rate, client_level_ledger, is_local, public_history,
+from .accounting import (account_codec_prior, accounting_rate, aggregation_report, client_level_ledger, is_local, public_history,
                          server_view_bound, server_view_epsilon, trust_report)
 from .arguments import FederatedArguments
 from .partition import partition_indices
 from .party import Party, PartyMessage, _model_inputs, log_party_failure, statistics_message
-from .server import FederatedServer, derive_seed, party_round_randomness
+from .server import FederatedServer, aggregate_sensitivity, derive_seed, party_round_randomness
 from .server_optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ class FederatedSimulation:
             self._pretrain_codec()
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
         self.server = FederatedServer(self.layout, a.num_parties, a.sample_rate, a.max_update_norm if self.dp_enabled else math.inf,
-                                      sigma, self.codec, self.sampling_seed, a.noise_seed, fixed_size=a.party_sampling == "fixed")
+                                      sigma, self.codec, self.sampling_seed, a.noise_seed, fixed_size=a.party_sampling == "fixed",
+                                      noise_shares=a.noise_shares)
         self._log_privacy_parameters()
         self._ready = True
 
@@ -211,7 +212,9 @@ class FederatedSimulation:
         from ..codec.pretrain import pretrain_codec
 
         sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
-        noise = sigma * self.args.max_update_norm / math.sqrt(self.expected_parties)
+        a = self.args
+        # the noise the server decodes at: that of R / sqrt(m q N) (FederatedServer.decode_noise_std)
+        noise = sigma * aggregate_sensitivity(a.noise_shares) * a.max_update_norm / math.sqrt(a.noise_shares * self.expected_parties)
         # lora_rank=0: the low-rank part's encoder is not linear, and latents are summed across parties
         self.codec = pretrain_codec(self._prior, self.args.codec_latent_ratio, noise_std=noise if noise > 0 else None,
                                     lora_rank=0, seed=self.args.seed, progress=False)
@@ -246,7 +249,7 @@ class FederatedSimulation:
         return self.parties[party_id].step(
             self.model, self.params, self.layout, steps=a.local_steps, batch_size=a.local_batch_size,
             learning_rate=a.local_learning_rate, optimizer=a.local_optimizer, task=self.task,
-            seed=seed, max_norm=s.max_norm, noise_multiplier=s.noise_multiplier,
+            seed=seed, max_norm=s.max_norm, noise_multiplier=s.party_noise_multiplier,
             generator=generator, codec=self.codec, codec_noise_std=s.decode_noise_std or None,
         )
 
@@ -356,7 +359,7 @@ class FederatedSimulation:
         if not self.dp_enabled:
             return math.inf
         return server_view_epsilon(self.participation.tolist(), self.stats_participation.tolist(),
-                                   self.ledger.noise_multiplier, self.args.stats_noise_multiplier, self.args.delta,
+                                   self._party_noise_multiplier(), self.args.stats_noise_multiplier, self.args.delta,
                                    self._server_view_cache)
 
     def server_view_bound(self) -> float:
@@ -364,8 +367,13 @@ class FederatedSimulation:
         party's exposure that does not depend on who took part (see `.accounting.server_view_bound`)."""
         if not self.dp_enabled:
             return math.inf
-        return server_view_bound(self._statistics_rounds(), self.round, self.ledger.noise_multiplier,
+        return server_view_bound(self._statistics_rounds(), self.round, self._party_noise_multiplier(),
                                  self.args.stats_noise_multiplier, self.args.delta, self._server_view_cache)
+
+    def _party_noise_multiplier(self) -> float:
+        """What one training message alone guarantees against its reader: each party's own noise multiplier."""
+        a = self.args
+        return self.ledger.noise_multiplier * aggregate_sensitivity(a.noise_shares) / math.sqrt(a.noise_shares)
 
     def _statistics_rounds(self) -> int:
         return int(sum(1 for h in self.history if h.get("stage") == "statistics"))
@@ -381,7 +389,7 @@ class FederatedSimulation:
             "statistics_rounds": self._statistics_rounds(),
             "stats_noise_multiplier": a.stats_noise_multiplier if self.codec_spec == "auto" else None,
             **trust_report(a), "epsilon_server_view": self.server_view_bound(),
-            "aggregation": "R = sum of locally noised messages / sqrt(k); update = decode(R / sqrt(q N))",
+            **aggregation_report(a, self.ledger.noise_multiplier),
             # post-processing of the released updates: not part of the accounting
             **self.server_optimizer.describe(),
             "codec_latent_dim": self.codec.latent_dim if self.codec is not None else None,
@@ -393,7 +401,7 @@ class FederatedSimulation:
         a = self.args
         return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
                 "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
-                "codec": self.codec is not None, "noise_calibration": a.noise_calibration,
+                "codec": self.codec is not None, "noise_calibration": a.noise_calibration, "noise_shares": a.noise_shares,
                 **self.server_optimizer.describe()}
 
     def save_state(self, folder: str) -> None:
@@ -432,13 +440,14 @@ class FederatedSimulation:
             self.codec = GradientCodec.from_pretrained(os.path.join(folder, CODEC_DIR), model=self.model)
         mine, saved = self._fingerprint(), state["fingerprint"]
         # states written before these options existed
-        saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, **saved}
+        saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, "noise_shares": 1,
+                 **saved}
         if "server_learning_rate" not in saved:
             saved["server_learning_rate"] = mine["server_learning_rate"]
         diff = [k for k in mine if mine[k] != saved.get(k)]
         if diff:
             raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
-                             "sampling rate, clipping norm, noise calibration, server optimizer, model and LoRA "
+                             "sampling rate, clipping norm, noise calibration and shares, server optimizer, model and LoRA "
                              "configuration")
         self.ledger.load_state_dict(state["ledger"])
         self.round = int(state["round"])
