@@ -69,6 +69,7 @@ class FederatedArguments:
     noise_calibration: str = field(default="distributed", metadata={"help": "distributed: each party's noise is calibrated for the aggregate sum/sqrt(k); the epsilon is amplified by party sampling and holds only if every sampled party adds its noise, which the server cannot check (see docs/federated.md, trust model). local: each party's noise is calibrated for its own message alone (local DP at the party, accounted at q = 1 with no amplification); a party's guarantee then depends on no one else, at the price of far more noise for the same epsilon.", "choices": list(NOISE_CALIBRATIONS)})
     noise_shares: int = field(default=1, metadata={"help": "m: each sampled party adds 1/m of the aggregate's noise variance, and the server adds the missing shares when fewer than m answer, so the released aggregate always carries its full noise. 1 (default): every message alone carries the full noise (private at sigma even against the server), and the model gets sqrt(q N) times more noise than a central mechanism. About q N (the expected parties per round): about sqrt(m)/1.5 times less noise on the model at the same epsilon, but one message alone is private only at party_noise_multiplier = 1.5 sigma / sqrt(m) or so (epsilon_server_view): use it with secure aggregation or a server you trust with the messages. Poisson sampling and distributed calibration only (docs/federated.md)."})
     parties_per_round: float = field(default=10.0, metadata={"help": "Expected parties per round; the sampling rate is q = parties_per_round / num_parties."})
+    parallel_parties: int = field(default=1, metadata={"help": "Simulation only: train this many sampled parties' local steps in one batched forward and backward pass (each party keeps its own copy of the adapter, its own rows and its own optimizer state; the updates are those of one party at a time). Much faster for many parties with few rows each; refused for models or collators whose rows influence each other (BatchNorm, packing). 1: one party at a time."})
     local_steps: int = field(default=10, metadata={"help": "Optimizer steps each sampled party runs on its own data per round."})
     local_batch_size: int = field(default=16, metadata={"help": "Batch size of the local steps."})
     local_learning_rate: float = field(default=5e-3, metadata={"help": "Learning rate of the local steps (the default suits adamw; sgd wants about 10x more)."})
@@ -134,6 +135,8 @@ class FederatedArguments:
             raise ValueError(f"party_sampling={self.party_sampling!r} is unknown: choose one of {', '.join(PARTY_SAMPLING)}")
         if self.noise_calibration not in NOISE_CALIBRATIONS:
             raise ValueError(f"noise_calibration={self.noise_calibration!r} is unknown: choose one of {', '.join(NOISE_CALIBRATIONS)}")
+        if self.parallel_parties < 1:
+            raise ValueError(f"parallel_parties must be >= 1, got {self.parallel_parties}")
         if int(self.noise_shares) != self.noise_shares or self.noise_shares < 1:
             raise ValueError(f"noise_shares must be a whole number >= 1, got {self.noise_shares}")
         if self.noise_shares > 1 and self.noise_calibration == "local":

@@ -37,7 +37,7 @@ import torch
 from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..privacy.accounting import PrivacyBudgetError
-from .accounting import (SERVER_ONLY_KEYS, account_codec_prior, client_level_ledger, is_local, public_history,
+from .accounting import (SERVER_ONLY_KEYS, account_codec_prior, aggregation_report, client_level_ledger, is_local, public_history,
                          server_view_bound, server_view_epsilon, trust_report)
 from .arguments import FederatedArguments
 from .flower_common import (GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PARTY_META, ROUND_CONFIG, _flat,

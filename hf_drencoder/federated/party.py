@@ -175,6 +175,12 @@ class Party:
         """One round on this party: local training, clip, local noise, encode. Returns the message."""
         update = self.local_update(model, params, layout, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                                    optimizer=optimizer, task=task, seed=seed)
+        return self.message(update, max_norm=max_norm, noise_multiplier=noise_multiplier, generator=generator, codec=codec,
+                            codec_noise_std=codec_noise_std)
+
+    def message(self, update: torch.Tensor, *, max_norm: float, noise_multiplier: float, generator: torch.Generator | None,
+                codec=None, codec_noise_std: float | None = None) -> PartyMessage:
+        """This party's message for its local ``update``: clip, its own noise, encode."""
         noised = privatize_update(update, max_norm, noise_multiplier, generator)
         payload, kind = encode_message(noised, codec, codec_noise_std)
         return PartyMessage(self.party_id, payload, kind)

@@ -103,6 +103,7 @@ class FederatedSimulation:
         # post-processing of the released aggregates: its state is saved with the federation, it costs no privacy
         self.server_optimizer = ServerOptimizer.from_args(args)
         self._ready = False
+        self._parties_checked = False
         self._server_view_cache: dict = {}
 
     # ---- properties ----------------------------------------------------------------------------------------
@@ -241,17 +242,46 @@ class FederatedSimulation:
             seed=derive_seed(a.seed, round_index, party_id),
         )
 
-    def party_step(self, party_id: int, round_index: int) -> PartyMessage:
-        """What party ``party_id`` sends in training round ``round_index`` (the global adapter is unchanged)."""
+    def party_step(self, party_id: int, round_index: int, update: torch.Tensor | None = None) -> PartyMessage:
+        """What party ``party_id`` sends in training round ``round_index`` (the global adapter is unchanged);
+        ``update``: its local update, already computed (by `batched_local_updates`)."""
         a = self.args
         s = self.server
         seed, generator = party_round_randomness(a.seed, a.noise_seed, round_index, party_id, self.dp_enabled)
+        if update is not None:
+            return self.parties[party_id].message(update, max_norm=s.max_norm, noise_multiplier=s.party_noise_multiplier,
+                                                  generator=generator, codec=self.codec,
+                                                  codec_noise_std=s.decode_noise_std or None)
         return self.parties[party_id].step(
             self.model, self.params, self.layout, steps=a.local_steps, batch_size=a.local_batch_size,
             learning_rate=a.local_learning_rate, optimizer=a.local_optimizer, task=self.task,
             seed=seed, max_norm=s.max_norm, noise_multiplier=s.party_noise_multiplier,
             generator=generator, codec=self.codec, codec_noise_std=s.decode_noise_std or None,
         )
+
+    def _batched_updates(self, chunk: list[int], round_index: int) -> list[torch.Tensor] | None:
+        """The local updates of the parties in ``chunk`` trained in one batch (`batched_local_updates`), or None if
+        that failed (the parties then train one at a time, so a failing party is found and left out alone)."""
+        from .batched import batched_local_updates
+
+        a = self.args
+        if not self._parties_checked:
+            from .batched import check_parties_independent
+
+            # refused, not worked around: a party's update must depend on its own rows only
+            check_parties_independent(self.model, [self.parties[p] for p in chunk[:2]], self.data_collator, self.task)
+            self._parties_checked = True
+        seeds = [party_round_randomness(a.seed, None, round_index, pid, False)[0] for pid in chunk]
+        try:
+            return batched_local_updates(
+                self.model, self.params, self.layout, [self.parties[p] for p in chunk], seeds, steps=a.local_steps,
+                batch_size=a.local_batch_size, learning_rate=a.local_learning_rate, optimizer=a.local_optimizer,
+                task=self.task, data_collator=self.data_collator)
+        except Exception as e:  # noqa: BLE001 - retried one party at a time, where a failure is a party's own
+            log_party_failure(f"{chunk[0]}..{chunk[-1]}", f"round {round_index + 1} (batched)", e)
+            logger.warning("round %d: the batched local training of %d parties failed (%s); training them one at a time",
+                           round_index + 1, len(chunk), type(e).__name__)
+            return None
 
     def run_round(self) -> dict:
         """One training round; returns its history record."""
@@ -262,13 +292,17 @@ class FederatedSimulation:
         # count first: a round the budget does not allow is refused before any party trains
         self.ledger.record_step()
         messages, failed = [], []
-        for pid in sampled:
-            try:
-                messages.append(self.party_step(pid, r))
-            except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
-                failed.append(pid)
-                code = log_party_failure(pid, f"round {r + 1}", e)  # the full text: the party's log only
-                logger.warning("round %d: party %d is left out (%s)", r + 1, pid, code)
+        group = max(1, self.args.parallel_parties)
+        for start in range(0, len(sampled), group):
+            chunk = sampled[start : start + group]
+            updates = self._batched_updates(chunk, r) if len(chunk) > 1 else None
+            for i, pid in enumerate(chunk):
+                try:
+                    messages.append(self.party_step(pid, r) if updates is None else self.party_step(pid, r, updates[i]))
+                except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
+                    failed.append(pid)
+                    code = log_party_failure(pid, f"round {r + 1}", e)  # the full text: the party's log only
+                    logger.warning("round %d: party %d is left out (%s)", r + 1, pid, code)
         update = self.server.aggregate_round(messages, r)
         self._set_global(self.server_optimizer.step(self._global_flat(), update))
         for m in messages:

@@ -20,7 +20,6 @@ Sampling without replacement is accounted by dp-accounting's RDP analysis (Wang,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Iterable
