@@ -2,7 +2,7 @@
 
     python benchmarks/federated_defaults.py --plan tune        # local settings, on 85/15 of the TRAIN split
     python benchmarks/federated_defaults.py --plan final       # the headline rows on the test split
-    python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8
+    python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8 (see below)
     python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
     python benchmarks/federated_defaults.py --table            # print the table of what was measured
     python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
@@ -15,6 +15,12 @@ split and are scored on the other 15% (``train_test_split(test_size=0.15, seed=1
 the whole train split and are scored on the whole test split (2,189 documents). Seeds: ``seed`` = ``sampling_seed``
 = ``noise_seed`` = ``partition_seed``, so rows with the same seed see the same parties, batches and noise.
 
+``--plan population``: 1,000 parties of 5-6 rows each (``partition="dirichlet_equal_size"``: equal sizes, a
+Dirichlet(0.5) label mix per party), ~100 per round, 5 local AdamW steps, server lr 5, epsilon 8 with
+``noise_shares=100`` (each party adds 1/100 of the aggregate's noise variance; docs/federated.md). The tune rows
+pick the LoRA rank (8, 2, 1) and the rounds (20, 40) on the held-out split (server lr 5; server lr 1 stayed at the majority class after 10 rounds); ``population-eps8-shares1-s0`` is the same run with every message carrying the full noise,
+and ``population-nodp-s0`` the same run without DP.
+
 A run of R rounds is evaluated every 10 rounds, so a 20-round non-private row also gives its 10-round figure;
 a DP row is calibrated for its own number of rounds (a 20-round DP row spends epsilon 8 over 20 rounds).
 Rows are appended to ``benchmarks/results/federated_defaults.json`` as they finish (``--out`` to change it);
@@ -25,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -38,9 +43,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "federated_defaults.json")
 
 # what every row starts from; a row overrides some of these
-BASE = dict(parties=100, per_round=10, alpha=0.5, rounds=10, epsilon=None, max_length=32, top_layers=2,
+BASE = dict(parties=100, per_round=10, partition="dirichlet", alpha=0.5, rounds=10, epsilon=None, max_length=32, top_layers=2,
             local_optimizer="adamw", local_lr=5e-3, local_steps=10, local_batch=16, server_optimizer="fedavg",
             server_lr=1.0, clip=1.0, seed=0, split="test")
+
+
+POPULATION = dict(parties=1000, per_round=100, partition="dirichlet_equal_size", epsilon=8.0, rounds=20, local_steps=5,
+                  noise_shares=100, server_lr=5.0)
+POPULATION_FINAL = dict(POPULATION, lora_r=2, rounds=40)
 
 
 def _row(name, **kw):
@@ -71,8 +81,17 @@ PLANS = {
         *[_row(f"default-eps8-r20-s{s}", epsilon=8.0, rounds=20, seed=s) for s in (0, 1)],
         _row("old-sgd-nodp-s0", local_optimizer="sgd", local_lr=0.05, local_steps=5),
     ],
+    # 1,000 parties of 5-6 rows (equal sizes, Dirichlet(0.5) label mix each), ~100 per round, epsilon 8; the tune rows
+    # pick the number of rounds on the held-out 15% of train, the test rows use it
     "population": [
-        _row("population-eps8", parties=1000, per_round=100, epsilon=8.0, rounds=20),
+        _row("population-tune-slr5", split="tune", **POPULATION),
+        _row("population-tune-slr5-r2", split="tune", **dict(POPULATION, lora_r=2)),
+        _row("population-tune-slr5-r2-r40", split="tune", **dict(POPULATION, lora_r=2, rounds=40)),
+        _row("population-tune-slr5-r1-r40", split="tune", **dict(POPULATION, lora_r=1, rounds=40)),
+        # the test rows: the tune row with the best held-out accuracy (LoRA r 2, 40 rounds)
+        *[_row(f"population-eps8-s{s}", seed=s, **POPULATION_FINAL) for s in (0, 1, 2)],
+        _row("population-eps8-shares1-s0", **dict(POPULATION_FINAL, noise_shares=1)),
+        _row("population-nodp-s0", **dict(POPULATION_FINAL, epsilon=None)),
     ],
 }
 
@@ -113,14 +132,16 @@ def run_row(spec: dict) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         kw = dict(
-            output_dir=out, num_parties=spec["parties"], parties_per_round=spec["per_round"], partition="dirichlet",
+            output_dir=out, num_parties=spec["parties"], parties_per_round=spec["per_round"], partition=spec.get("partition", "dirichlet"),
             dirichlet_alpha=spec["alpha"], partition_seed=spec["seed"], num_rounds=spec["rounds"],
             local_steps=spec["local_steps"], local_batch_size=spec["local_batch"], local_learning_rate=spec["local_lr"],
             local_optimizer=spec["local_optimizer"], server_learning_rate=spec["server_lr"],
             max_update_norm=spec["clip"], eval_every=10, seed=spec["seed"], sampling_seed=spec["seed"],
-            noise_seed=spec["seed"], disable_tqdm=True, lora_r=8, lora_alpha=16,
+            noise_seed=spec["seed"], disable_tqdm=True, lora_r=spec.get("lora_r", 8), lora_alpha=2 * spec.get("lora_r", 8),
             lora_target_modules=lora_modules(spec["top_layers"]), per_device_eval_batch_size=256,
         )
+        if spec.get("noise_shares", 1) != 1 and spec["epsilon"] is not None:
+            kw["noise_shares"] = spec["noise_shares"]
         if spec["server_optimizer"] != "fedavg":
             kw["server_optimizer"] = spec["server_optimizer"]
         if spec["epsilon"] is None:
@@ -132,16 +153,20 @@ def run_row(spec: dict) -> dict:
         history = sim.run()
         report = sim.privacy_report()
     train_rounds = [h for h in history if h.get("stage") == "train"]
+    # rows visited by local training: each answering party runs local_steps batches of min(local_batch, its rows)
+    visits = sum(spec["local_steps"] * min(spec["local_batch"], sim.partition_sizes[p]) for h in train_rounds for p in h["received"])
     evals = {h["round"]: dict(accuracy=h["eval_accuracy"], macro_f1=h["eval_macro_f1"], eval_loss=h["eval_loss"])
              for h in train_rounds if "eval_accuracy" in h}
     last = evals[max(evals)]
     return dict(spec, accuracy=last["accuracy"], macro_f1=last["macro_f1"], by_round=evals,
                 epsilon=report["epsilon"] if spec["epsilon"] is not None else None,
                 noise_multiplier=report.get("noise_multiplier"), accountant=report.get("accountant"),
+                party_noise_multiplier=report.get("party_noise_multiplier"),
+                epsilon_server_view=report.get("epsilon_server_view"), uplink_bytes_per_party=4 * sim.layout.dim,
                 delta=report.get("delta"), rounds_run=len(train_rounds),
                 mean_parties_per_round=sum(h["num_received"] for h in train_rounds) / max(1, len(train_rounds)),
                 mean_update_norm=sum(h["update_norm"] for h in train_rounds) / max(1, len(train_rounds)),
-                train_examples=len(train), eval_examples=len(evaluation),
+                train_examples=len(train), eval_examples=len(evaluation), example_visits=visits,
                 wall_s=round(time.perf_counter() - start, 1), threads=torch.get_num_threads())
 
 

@@ -1,424 +1,335 @@
-"""Utility of DR-Encoder against its baselines on the embedded default (MiniLM-L6 + LoRA, Reuters-R8).
+"""Privacy-utility of the embedded default (MiniLM-L6 + LoRA, Reuters-R8): central and federated, epsilon 1, 3, 8, inf.
 
-    python benchmarks/utility.py [--quick] [--setting central|federated|all] [--resume]
+    python benchmarks/utility.py tune       # every method's learning rate on the held-out 15% of R8 train
+    python benchmarks/utility.py test       # the chosen rates on the whole test split, epsilon 1 3 8 and inf, 3 seeds
+    python benchmarks/utility.py federated  # client-level DP: 1,000 parties, ~100 per round (benchmarks/federated_defaults.py)
+    python benchmarks/utility.py table      # the headline rows, written to the results file's "rows", and the plot
+    python benchmarks/utility.py all --quick   # every stage at toy size, every code path (about 5 minutes on 2 cores)
+    python benchmarks/utility.py reuse-demo-options   # copy the runs benchmarks/demo_options.py already made
+                                                      # under this protocol (dp-lora and dp-ffa at epsilon 8)
 
-Central setting (sample-level DP, one party): every method is trained on the whole R8 train split at every
-epsilon and evaluated on a fixed random subset of the test split. Every run has the same number of optimizer
-steps, the same expected batch, the same seeds (seed, data_seed and noise_seed all 0: the same head
-initialisation, Poisson batches and noise draws for every method) and the same accounting (PRV,
-delta = 1/N, the stage-1 cost of codec='auto' inside the same epsilon). The learning rate is fixed per privacy regime (one for private runs, one for non-private runs) and is
-the same for every method, i.e. every method gets the same tuning budget. Given two or more learning rates
-(--lr_private / --lr_nonprivate), each method is tuned instead: trained on 85% of the train split with each
-learning rate (epsilon 8 for private runs) and scored on the other 15% -- never on the test split -- with the
-same grid, hence the same number of trials, for every method.
+Protocol (docs/utility.md):
 
-Methods:
-    lora               plain LoRA, non-private (disable_dp) through the same code path; epsilon inf
-    dp-lora            DP-SGD on the LoRA gradient, no codec; the uplink is the fp32 LoRA gradient
-    dr-paper           DR-Encoder with the paper's prior (one mean and one variance per module), codec='auto'
-    dr-default         DR-Encoder with our default codec (low-rank prior), noise added in gradient space
-    dr-default-latent  the same codec family, per-example latents clipped and noised (noise_space='latent')
-The methods listed in the configuration's codec_nonprivate also get a non-private row (epsilon inf): the codec
-alone, without noise.
+- **Central** (example-level DP, one party). Every row trains on R8 train with the DP recipe of
+  `hf_drencoder.recipe.suggest_hyperparameters` (expected batch 1088, 20 steps, constant AdamW: 21,760 examples)
+  at every epsilon and without DP, so every method and every epsilon gets the same example budget. Methods:
+  ``lora`` (non-private, ``disable_dp``, through the same trainer), ``dp-lora`` (DP-SGD on A and B) and
+  ``dp-ffa`` (FFA-LoRA: A frozen, only B and the head released and noised).
+- **Tuning.** Every method gets the same learning-rate grid, trained on 85% of train
+  (``train_test_split(test_size=0.15, seed=1234)``) at epsilon 8 (``lora``: without DP) with seed 0, and scored on
+  the other 15%; the rate with the best held-out accuracy (macro-F1 breaks ties) is used at every epsilon. The test
+  split is never read before ``test``.
+- **Test.** Seeds 0, 1, 2 (``seed`` = ``data_seed``: the head's initialisation and the Poisson batches;
+  ``noise_seed`` = 1000 + seed, so methods with the same seed share batches and noise draws); accuracy and
+  macro-F1 on all 2,189 test documents.
+- **Federated** rows are the population-scale rows of ``benchmarks/federated_defaults.py --plan population``
+  (1,000 parties of 5-6 rows, ~100 per round, 20 rounds, ``noise_shares=100``), read from its results file: that
+  script runs them.
 
-Federated setting (client-level DP): ``run_federated`` (100 parties, ~10 per round, Dirichlet(0.5), epsilon 8).
-
-Rows are appended to benchmarks/results/utility[_quick].json after every run, so a run that is cut off
-keeps what it measured; ``--resume`` skips the rows already there. At the end a table is printed and
-docs/utility.png (accuracy against epsilon) is drawn (not in --quick, which draws utility_quick.png in the
-temporary folder instead).
+``--model cut`` (the default, what 2 CPU cores train in minutes) is the demo's model: 32 tokens, LoRA r 8 on query
+and value of the top two encoder layers. ``--model full`` adapts query and value of all six layers at 128 tokens
+(for a GPU). Every finished run is added at once to ``benchmarks/results/utility.json`` (``utility_quick.json``
+with ``--quick``) under a file lock, so stages can run in parallel processes (``--methods``, ``--seeds``,
+``--epsilons`` split the work) and a run cut off keeps what it measured; runs already recorded are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import fcntl
 import json
-import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 METHODS = {
-    "lora": dict(private=False),
-    "dp-lora": dict(),
-    "dr-paper": dict(codec="auto", codec_prior="paper"),
-    "dr-default": dict(codec="auto", codec_prior="lowrank"),
-    "dr-default-latent": dict(codec="auto", codec_prior="lowrank", noise_space="latent"),
+    "lora": dict(private=False, lora_freeze_a=False),
+    "dp-lora": dict(lora_freeze_a=False),
+    "dp-ffa": dict(lora_freeze_a=True),
 }
-
-# The configuration of the committed full run and of --quick (see docs/utility.md for why each cut).
-# Epsilons are run in this order (8 first) so that a run cut short still has the headline comparison.
-# lr_grid: learning rates tried for private runs and for non-private runs; a one-element grid means no tuning
-# runs (the learning rate is fixed); with more, each method gets the same trials on the held-out train split.
-# The committed run is cut to fit ~1 hour on a shared 2-core machine: see docs/utility.md.
-FULL = dict(
-    batch=256, steps=48, tune_steps=12, max_length=16, test_samples=1000, tune_eval_samples=300, schedule="constant",
-    epsilons=[8.0, 1.0, 3.0], lr_grid={"private": [1e-2], "nonprivate": [1e-2]}, methods=list(METHODS),
-    codec_nonprivate=["dr-default"], stats_batches=2, stats_batch=128, seed=0,
-    federated=dict(parties=100, per_round=10, alpha=0.5, epsilon=8.0, rounds=10, local_steps=5, local_batch=16,
-                   local_lr=0.05),
-)
-QUICK = dict(
-    batch=32, steps=2, tune_steps=2, max_length=16, test_samples=128, tune_eval_samples=64, schedule="constant",
-    epsilons=[8.0],
-    lr_grid={"private": [2e-2], "nonprivate": [1e-2, 2e-2]}, methods=list(METHODS), codec_nonprivate=["dr-default"],
-    stats_batches=2, stats_batch=32, seed=0,
-    federated=dict(parties=100, per_round=10, alpha=0.5, epsilon=8.0, rounds=2, local_steps=1, local_batch=8,
-                   local_lr=0.05),
-)
+MODELS = {
+    "cut": dict(max_length=32, lora_layers=(4, 5)),
+    "full": dict(max_length=128, lora_layers=(0, 1, 2, 3, 4, 5)),
+}
+LR_GRID = [2e-2, 5e-2, 1e-1]
+EPSILONS = [1.0, 3.0, 8.0]
+SEEDS = [0, 1, 2]
 TUNE_EPSILON = 8.0
-TUNE_FRACTION = 0.15
+CLIP = 0.1  # the demo's per-example clipping norm (picked on the held-out split by benchmarks/demo_recipe.py)
+# --quick: every stage at toy size (the numbers mean nothing)
+QUICK = dict(batch=64, physical=64, steps=2, lr_grid=[5e-2, 1e-1], epsilons=[8.0], seeds=[0], max_eval=64)
 
 
-def _args(cfg, output_dir, lr, epsilon, method, n_train):
-    from hf_drencoder import DRTrainingArguments
-
-    spec = dict(METHODS[method])
-    private = spec.pop("private", True) and epsilon is not None and math.isfinite(epsilon)
-    kw = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=cfg["batch"],
-        per_device_eval_batch_size=256,
-        max_steps=cfg["steps"],
-        learning_rate=lr,
-        warmup_steps=0,
-        lr_scheduler_type=cfg["schedule"],
-        weight_decay=0.0,
-        per_sample_max_grad_norm=1.0,
-        logging_steps=max(1, cfg["steps"] // 5),
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        default_lora_r=8,
-        default_lora_alpha=16,
-        default_lora_target_modules=["query", "value"],
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
-        noise_seed=cfg["seed"],
-        # stage 1 of codec='auto' (trainer defaults: 4 Poisson batches of expected size min(256, N)); its cost is
-        # charged to the same epsilon
-        codec_stats_batches=cfg["stats_batches"],
-        codec_stats_batch_size=min(cfg["stats_batch"], n_train),
-        **spec,
-    )
-    if private:
-        kw["target_epsilon"] = epsilon
-    else:
-        kw["disable_dp"] = True
-    return DRTrainingArguments(**kw)
+def results_path(quick: bool) -> str:
+    return os.path.join(HERE, "results", "utility_quick.json" if quick else "utility.json")
 
 
-def train_and_eval(cfg, method, epsilon, lr, train, test, tokenizer, num_labels, steps=None) -> dict:
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_drencoder import DRTrainer
-    from hf_drencoder.embedded import minilm_path
-    from hf_drencoder.metrics import classification_compute_metrics
-
-    if steps is not None:
-        cfg = dict(cfg, steps=steps)
-    torch.manual_seed(cfg["seed"])
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
-        args = _args(cfg, out, lr, epsilon, method, len(train))
-        trainer = DRTrainer(
-            model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
-            compute_metrics=classification_compute_metrics(),
-        )
-        trainer.train()
-        train_s = time.perf_counter() - start
-        metrics = trainer.evaluate()
-        report = trainer.privacy_report()
-    row = dict(
-        method=method,
-        epsilon=report["epsilon"],
-        target_epsilon=epsilon,
-        accuracy=metrics["eval_accuracy"],
-        macro_f1=metrics.get("eval_macro_f1", metrics.get("eval_f1")),
-        eval_loss=metrics["eval_loss"],
-        uplink_bytes=report["uplink_bytes"],
-        uplink_ratio=report["uplink_ratio"],
-        noise_multiplier=report.get("noise_multiplier"),
-        delta=report.get("delta"),
-        accountant=report.get("accountant"),
-        codec_prior=report.get("codec_prior"),
-        noise_space=report.get("noise_space"),
-        steps=trainer.state.global_step,
-        expected_batch=cfg["batch"],
-        lr=lr,
-        seed=cfg["seed"],
-        train_examples=len(train),
-        eval_examples=len(test),
-        train_s=round(train_s, 1),
-        wall_s=round(time.perf_counter() - start, 1),
-    )
-    del trainer, model
-    gc.collect()
-    return row
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"cpu_count": os.cpu_count(), "runs": [], "rows": []}
 
 
-def _key(row):
-    return (row["setting"], row["method"], row.get("target_epsilon"), row.get("lr"), row.get("split", "test"))
-
-
-class Results:
-    """The rows written so far, saved after every append (a cut-off run keeps its data)."""
-
-    def __init__(self, path, resume):
-        self.path = path
-        self.rows = []
-        if resume and os.path.exists(path):
-            with open(path) as f:
-                self.rows = json.load(f)
-
-    def find(self, **match):
-        return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
-
-    def add(self, row):
-        self.rows = [r for r in self.rows if _key(r) != _key(row)] + [row]
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
+def add_run(run: dict, path: str) -> None:
+    """Append one run to the results file under a lock (parallel processes write to the same file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path)
+        data["runs"] = [r for r in data["runs"] if _key(r) != _key(run)] + [run]
+        tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.rows, f, indent=1)
-        os.replace(tmp, self.path)
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
 
 
-def load_data(cfg):
+def _key(r: dict) -> tuple:
+    return (r["stage"], r["model"], r["method"], r["target_epsilon"], r["lr"], r["seed"])
+
+
+def _data(model: str, quick: bool):
     from transformers import AutoTokenizer
 
     from hf_drencoder.embedded import load_reuters, minilm_path, tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    data = tokenize_dataset(load_reuters("r8"), tokenizer, max_length=cfg["max_length"])
-    num_labels = data["train"].features["labels"].num_classes
-    # A fixed random subset of the test split (seeded), and a held-out split of TRAIN for tuning.
-    test = data["test"].shuffle(seed=1234).select(range(min(cfg["test_samples"], len(data["test"]))))
-    split = data["train"].train_test_split(test_size=TUNE_FRACTION, seed=1234)
-    tune_eval = split["test"].select(range(min(cfg["tune_eval_samples"], len(split["test"]))))
-    return dict(train=data["train"], test=test, tune_train=split["train"], tune_eval=tune_eval,
-                tokenizer=tokenizer, num_labels=num_labels)
+    raw = load_reuters("r8")
+    data = tokenize_dataset(raw, tokenizer, max_length=MODELS[model]["max_length"])
+    held = data["train"].train_test_split(test_size=0.15, seed=1234)  # "test" here is the held-out 15% of TRAIN
+    splits = {"tune": (held["train"], held["test"]), "test": (data["train"], data["test"])}
+    if quick:
+        splits = {k: (tr, ev.select(range(QUICK["max_eval"]))) for k, (tr, ev) in splits.items()}
+    return splits, tokenizer, raw["train"].features["label"].num_classes, len(raw["train"])
 
 
-def _log(msg):
-    print(f"[utility {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def tune(cfg, results: Results, data, method, private, grid) -> float:
-    """The learning rate of ``grid`` with the best accuracy on the held-out 15% of the train split, trained on the
-    other 85% (epsilon 8 for private runs). Every method gets the same grid, so the same number of trials."""
-    eps = TUNE_EPSILON if private else math.inf
-    scores = {}
-    for lr in grid:
-        done = results.find(setting="central", method=method, split="tune", lr=lr, target_epsilon=eps)
-        if done:
-            row = done[0]
-        else:
-            _log(f"tune {method} lr {lr:g} (epsilon {eps})")
-            row = train_and_eval(cfg, method, eps, lr, data["tune_train"], data["tune_eval"], data["tokenizer"],
-                                 data["num_labels"], steps=cfg["tune_steps"])
-            row.update(setting="central", split="tune")
-            results.add(row)
-        scores[lr] = row["accuracy"]
-        _log(f"  {method} lr {lr:g}: held-out accuracy {row['accuracy']:.4f}")
-    return max(grid, key=lambda lr: (scores[lr], -lr))
-
-
-def run_central(cfg, results: Results, data) -> None:
-    common = (data["tokenizer"], data["num_labels"])
-    best_lr = {}
-    for method in cfg["methods"]:
-        has_private = METHODS[method].get("private", True)
-        for private in (True, False):
-            if (private and not has_private) or (not private and has_private and method not in cfg["codec_nonprivate"]):
-                continue
-            grid = cfg["lr_grid"]["private" if private else "nonprivate"]
-            best_lr[method, private] = grid[0] if len(grid) == 1 else tune(cfg, results, data, method, private, grid)
-    # Final runs: the first epsilon (8) and the non-private baseline first, then the other epsilons, then the
-    # codecs without noise.
-    private = [m for m in cfg["methods"] if METHODS[m].get("private", True)]
-    plan = [(m, cfg["epsilons"][0]) for m in private]
-    plan += [(m, math.inf) for m in cfg["methods"] if m not in private]
-    plan += [(m, eps) for eps in cfg["epsilons"][1:] for m in private]
-    plan += [(m, math.inf) for m in private if m in cfg["codec_nonprivate"]]
-    for method, eps in plan:
-        if results.find(setting="central", method=method, split="test", target_epsilon=eps):
-            continue
-        lr = best_lr[method, math.isfinite(eps)]
-        _log(f"run {method} epsilon {eps} lr {lr:g}")
-        row = train_and_eval(cfg, method, eps, lr, data["train"], data["test"], *common)
-        row.update(setting="central", split="test",
-                   lr_grid=cfg["lr_grid"]["private" if math.isfinite(eps) else "nonprivate"])
-        results.add(row)
-        _log(f"  {method} epsilon {row['epsilon']:.3g}: accuracy {row['accuracy']:.4f} "
-             f"(uplink {row['uplink_bytes']} B, {row['train_s']} s)")
-
-
-FED_METHODS = {  # noise_space='latent' has no federated counterpart: parties noise their update, then encode it
-    "lora": dict(disable_dp=True),
-    "dp-lora": dict(),
-    "dr-paper": dict(codec="auto", codec_prior="paper"),
-    "dr-default": dict(codec="auto", codec_prior="lowrank"),
-}
-
-
-def run_federated(cfg, results: Results, data) -> None:
-    """Client-level DP: 100 parties, about 10 per round (Poisson, q = 0.1), Dirichlet(0.5) non-IID split of the
-    train split by label, epsilon 8 (delta = 1/100), the same rounds and local settings for every method."""
-    try:
-        from hf_drencoder.federated import FederatedArguments, FederatedSimulation
-    except ImportError:
-        _log("federated: hf_drencoder.federated is not available on this branch; skipped")
-        return
+def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: int, stage: str, data, quick: bool) -> dict:
+    """One run: train on the stage's train rows, score on its evaluation rows."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from hf_drencoder import DRTrainer, DRTrainingArguments
     from hf_drencoder.embedded import minilm_path
     from hf_drencoder.metrics import classification_compute_metrics
+    from hf_drencoder.recipe import suggest_hyperparameters
 
-    fed = cfg["federated"]
-    for method in [m for m in FED_METHODS if m in cfg["methods"]]:
-        eps = math.inf if FED_METHODS[method].get("disable_dp") else fed["epsilon"]
-        if results.find(setting="federated", method=method, target_epsilon=eps):
+    splits, tokenizer, num_labels, n_full = data
+    train, evaluation = splits[stage]
+    spec = dict(METHODS[method])
+    private = spec.pop("private", True) and epsilon is not None
+    # the same example budget for every row: the recipe's for the whole train split at epsilon 8
+    hp = {k: v for k, v in suggest_hyperparameters(n_full, TUNE_EPSILON).items() if k != "noise_multiplier"}
+    if quick:
+        hp.update(per_device_train_batch_size=QUICK["batch"], max_physical_batch_size=QUICK["physical"],
+                  max_steps=QUICK["steps"])
+    hp["learning_rate"] = lr
+    layers = MODELS[model]["lora_layers"]
+    torch.manual_seed(seed)
+    net = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        args = DRTrainingArguments(
+            output_dir=out, seed=seed, data_seed=seed, noise_seed=1000 + seed if stage == "test" else seed,
+            per_sample_max_grad_norm=CLIP, logging_steps=5, save_strategy="no", eval_strategy="no",
+            per_device_eval_batch_size=128, report_to="none", disable_tqdm=True, default_lora_r=8, default_lora_alpha=16,
+            default_lora_target_modules=[f"layer.{i}.attention.self.{m}" for i in layers for m in ("query", "value")],
+            **({"target_epsilon": epsilon} if private else {"disable_dp": True}), **hp, **spec)
+        trainer = DRTrainer(model=net, args=args, train_dataset=train, eval_dataset=evaluation,
+                            processing_class=tokenizer, compute_metrics=classification_compute_metrics())
+        trainer.train()
+        metrics = trainer.evaluate()
+        report = trainer.privacy_report()
+    return dict(
+        stage=stage, setting="central", model=model, method=method, target_epsilon=epsilon if private else None,
+        lr=lr, seed=seed, accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"],
+        epsilon=report["epsilon"] if private else None, delta=report.get("delta"),
+        noise_multiplier=report.get("noise_multiplier"), accountant=report.get("accountant"),
+        uplink_bytes=report["uplink_bytes"], steps=trainer.state.global_step,
+        expected_batch=hp["per_device_train_batch_size"],
+        examples=hp["per_device_train_batch_size"] * hp["max_steps"], train_examples=len(train),
+        eval_examples=len(evaluation), wall_s=round(time.perf_counter() - start, 1), threads=torch.get_num_threads(),
+    )
+
+
+def _log(msg: str) -> None:
+    print(f"[utility {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def chosen_lr(data: dict, model: str, method: str) -> float:
+    rows = [r for r in data["runs"] if r["stage"] == "tune" and r["model"] == model and r["method"] == method]
+    if not rows:
+        raise SystemExit(f"no tuning runs of {method} ({model}): run `python benchmarks/utility.py tune` first")
+    return max(rows, key=lambda r: (r["accuracy"], r["macro_f1"]))["lr"]
+
+
+def run_stage(stage: str, a) -> None:
+    path = results_path(a.quick)
+    grid = QUICK["lr_grid"] if a.quick else LR_GRID
+    epsilons = a.epsilons or (QUICK["epsilons"] if a.quick else EPSILONS)
+    seeds = a.seeds or (QUICK["seeds"] if a.quick else SEEDS)
+    data = None
+    plan = []
+    for method in a.methods:
+        private = METHODS[method].get("private", True)
+        if stage == "tune":
+            plan += [(method, TUNE_EPSILON if private else None, lr, 0) for lr in grid]
+        else:
+            lr = chosen_lr(load(path), a.model, method)
+            plan += [(method, eps, lr, s) for eps in (epsilons if private else [None]) for s in seeds]
+    for method, eps, lr, seed in plan:
+        key = (stage, a.model, method, eps, lr, seed)
+        if any(_key(r) == key for r in load(path)["runs"]):
             continue
-        _log(f"federated {method} epsilon {eps}")
-        torch.manual_seed(cfg["seed"])
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data["num_labels"])
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as out:
-            kw = dict(
-                output_dir=out, num_parties=fed["parties"], parties_per_round=fed["per_round"], partition="dirichlet",
-                dirichlet_alpha=fed["alpha"], partition_seed=cfg["seed"], num_rounds=fed["rounds"],
-                local_steps=fed["local_steps"], local_batch_size=fed["local_batch"], local_learning_rate=fed["local_lr"],
-                local_optimizer="sgd",  # what the committed rows were measured with
-                max_update_norm=1.0, eval_every=0, seed=cfg["seed"], sampling_seed=cfg["seed"], noise_seed=cfg["seed"],
-                disable_tqdm=True, lora_r=8, lora_alpha=16, lora_target_modules=["query", "value"],
-                **FED_METHODS[method],
-            )
-            if math.isfinite(eps):
-                kw["target_epsilon"] = eps
-            sim = FederatedSimulation(model, data["train"], FederatedArguments(**kw), eval_dataset=data["test"],
-                                      compute_metrics=classification_compute_metrics())
-            history = sim.run()
-            report = sim.privacy_report()
-        last = history[-1]
-        train = [h for h in history if h.get("stage") == "train"]
-        row = dict(
-            setting="federated", split="test", method=method, epsilon=report["epsilon"], target_epsilon=eps,
-            accuracy=last["eval_accuracy"], macro_f1=last.get("eval_macro_f1", last.get("eval_f1")), eval_loss=last.get("eval_loss"),
-            uplink_bytes=last["uplink_bytes_per_party"], uplink_ratio=last["uplink_bytes_per_party"] / (4 * sim.layout.dim),
-            noise_multiplier=report.get("noise_multiplier"), delta=report.get("delta"), accountant=report.get("accountant"),
-            epsilon_server_view=report.get("epsilon_server_view"), codec_prior=FED_METHODS[method].get("codec_prior"),
-            rounds=len(train), statistics_rounds=report.get("statistics_rounds"),
-            mean_parties_per_round=sum(h["num_received"] for h in train) / max(1, len(train)),
-            steps=len(train), local_steps=fed["local_steps"], local_batch=fed["local_batch"], lr=fed["local_lr"],
-            num_parties=fed["parties"], dirichlet_alpha=fed["alpha"], seed=cfg["seed"],
-            eval_examples=len(data["test"]), wall_s=round(time.perf_counter() - start, 1),
-        )
-        results.add(row)
-        _log(f"  federated {method} epsilon {row['epsilon']:.3g}: accuracy {row['accuracy']:.4f} "
-             f"(uplink {row['uplink_bytes']} B per party, {row['wall_s']} s)")
-        del sim, model
-        gc.collect()
+        data = data or _data(a.model, a.quick)
+        _log(f"{stage} {method} epsilon {eps} lr {lr:g} seed {seed}")
+        run = train_eval(a.model, method, eps, lr, seed, stage, data, a.quick)
+        add_run(run, path)
+        _log(f"  accuracy {run['accuracy']:.4f} macro-F1 {run['macro_f1']:.4f} epsilon {run['epsilon']} ({run['wall_s']:.0f} s)")
 
 
-def print_table(rows) -> str:
-    lines = [f"{'setting':<10} {'method':<18} {'epsilon':>8} {'accuracy':>8} {'macro-F1':>8} {'uplink B':>9} "
-             f"{'ratio':>7} {'sigma':>7} {'lr':>6} {'steps':>5} {'train s':>7}"]
+def run_federated(a) -> None:
+    """The population rows: run by federated_defaults.py (its own results file), copied here as runs."""
+    import federated_defaults as fd
+
+    path = results_path(a.quick)
+    if a.quick:
+        specs = [fd._row(f"quick-{name}", parties=1000, per_round=20, partition="dirichlet_equal_size", rounds=1,
+                         local_steps=1, split="test", epsilon=eps, noise_shares=20 if eps else 1)
+                 for name, eps in (("eps8", 8.0), ("nodp", None))]
+        rows = []
+        for spec in specs:
+            _log(f"federated {spec['name']}")
+            rows.append(fd.run_row(spec))
+    else:
+        rows = [r for r in fd.load(a.federated_results) if r["name"].startswith("population-") and r["split"] == "test"]
     for r in rows:
-        if r.get("split", "test") != "test":
+        method = "dp-fedavg" if r["epsilon"] is not None else "fedavg"
+        if r.get("noise_shares", 1) == 1 and r["epsilon"] is not None:
+            method = "dp-fedavg-shares1"
+        add_run(dict(stage="test", setting="federated", model="cut", method=method, target_epsilon=r["epsilon"] and 8.0,
+                     lr=r["local_lr"], seed=r["seed"], accuracy=r["accuracy"], macro_f1=r["macro_f1"],
+                     epsilon=r["epsilon"], delta=r.get("delta"), noise_multiplier=r.get("noise_multiplier"),
+                     uplink_bytes=r.get("uplink_bytes_per_party"), parties=r["parties"], per_round=r["per_round"],
+                     rounds=r["rounds_run"], noise_shares=r.get("noise_shares", 1),
+                     examples=r.get("example_visits"),
+                     source=r["name"], wall_s=r["wall_s"]), path)
+
+
+def reuse_demo_options(a) -> None:
+    """Copy the runs of benchmarks/demo_options.py that are this protocol's runs (cut model, the same split, seeds,
+    clipping, budget and epsilon 8; ``baseline`` is dp-lora, ``ffa`` is dp-ffa) instead of running them again.
+    Its test runs are whole ``hf-drencoder demo`` jobs with noise from OS entropy (not ``noise_seed``)."""
+    path = results_path(False)
+    with open(os.path.join(HERE, "results", "demo_options.json")) as f:
+        rows = json.load(f)["rows"]
+    methods = {"baseline": "dp-lora", "ffa": "dp-ffa"}
+    for r in rows:
+        if r.get("option") not in methods or r["stage"] not in ("tune", "test"):
             continue
-        eps = "inf" if not math.isfinite(r["epsilon"]) else f"{r['epsilon']:.2f}"
-        lines.append(
-            f"{r['setting']:<10} {r['method']:<18} {eps:>8} {r['accuracy']:>8.4f} {r.get('macro_f1', float('nan')):>8.4f} "
-            f"{r['uplink_bytes']:>9} {r.get('uplink_ratio', float('nan')):>7.4f} {r.get('noise_multiplier') or 0:>7.3f} "
-            f"{r.get('lr', float('nan')):>6.0e} {r.get('steps', 0):>5} {r.get('train_s', float('nan')):>7.0f}"
-        )
-    text = "\n".join(lines)
-    print(text)
-    return text
+        add_run(dict(stage=r["stage"], setting="central", model="cut", method=methods[r["option"]], target_epsilon=8.0,
+                     lr=r["lr"], seed=r.get("seed") or 0, accuracy=r["accuracy"], macro_f1=r["macro_f1"],
+                     epsilon=r["epsilon"], noise_multiplier=r.get("noise_multiplier"),
+                     uplink_bytes=4 * (15368 if r["option"] == "ffa" else 27656),
+                     examples=1088 * 20, source="benchmarks/results/demo_options.json",
+                     wall_s=r.get("wall_s", r.get("train_s"))), path)
 
 
-def plot(rows, path) -> None:
+def headline(data: dict) -> list[dict]:
+    """Test runs grouped over seeds: setting, method, epsilon, accuracy, macro_f1, seeds, uplink_bytes, examples."""
+    groups: dict = {}
+    for r in data["runs"]:
+        if r["stage"] == "test":
+            groups.setdefault((r["setting"], r["model"], r["method"], r["target_epsilon"]), []).append(r)
+    rows = []
+    for (setting, model, method, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or math.inf)):
+        acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
+        rows.append(dict(
+            setting=setting, method=method, epsilon=eps, accuracy=statistics.mean(acc), macro_f1=statistics.mean(f1),
+            seeds=len(rs), accuracy_min=min(acc), accuracy_max=max(acc), macro_f1_min=min(f1), macro_f1_max=max(f1),
+            epsilon_spent=max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
+            uplink_bytes=rs[0]["uplink_bytes"], examples=rs[0]["examples"], model=model, lr=rs[0]["lr"]))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'setting':10s} {'method':18s} {'eps':>5s} {'seeds':>5s} {'accuracy (min-max)':>22s} {'macro-F1':>8s} {'uplink B':>9s} {'examples':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(f"{r['setting']:10s} {r['method']:18s} {eps:>5s} {r['seeds']:>5d} "
+                     f"{r['accuracy']:.4f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}) {r['macro_f1']:>8.4f} "
+                     f"{r['uplink_bytes'] or 0:>9d} {r['examples'] or 0:>8d}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["setting"] == "central" and r.get("split", "test") == "test"]
-    if not rows:
-        return
-    finite = sorted({r["target_epsilon"] for r in rows if math.isfinite(r["target_epsilon"])})
-    inf_x = (max(finite) * 2.5) if finite else 1.0
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in METHODS:
-        mr = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target_epsilon"])
-        if not mr:
-            continue
-        xs = [r["target_epsilon"] if math.isfinite(r["target_epsilon"]) else inf_x for r in mr]
-        ax.plot(xs, [r["accuracy"] for r in mr], marker="o", label=method)
-    ax.set_xscale("log")
-    ticks = finite + [inf_x]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{t:g}" for t in finite] + ["no DP"])
-    ax.minorticks_off()
-    ax.set_xlabel("epsilon (PRV, delta = 1/N; sample-level)")
-    ax.set_ylabel("accuracy on R8 test subset")
-    first = rows[0]
-    ax.set_title(f"MiniLM-L6 + LoRA on Reuters-R8: {first['steps']} steps, expected batch {first['expected_batch']}",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = {1.0: 0, 3.0: 1, 8.0: 2, None: 3}
+    for ax, metric in zip(axes, ("accuracy", "macro_f1")):
+        for (setting, method) in sorted({(r["setting"], r["method"]) for r in rows}):
+            rs = sorted((r for r in rows if (r["setting"], r["method"]) == (setting, method)), key=lambda r: xs[r["epsilon"]])
+            x = [xs[r["epsilon"]] for r in rs]
+            y = [r[metric] for r in rs]
+            lo = [r[metric] - r[f"{metric}_min"] for r in rs]
+            hi = [r[f"{metric}_max"] - r[metric] for r in rs]
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o" if setting == "central" else "s", capsize=3,
+                        linestyle="-" if len(x) > 1 else "none", label=f"{setting}: {method}")
+        ax.set_xticks(range(4), ["1", "3", "8", "no DP"])
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel(metric.replace("_", "-"))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("MiniLM-L6 + LoRA on Reuters-R8: mean over seeds (bars: min-max), test split")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _log(f"wrote {path}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=["central", "federated", "all"], default="all")
-    p.add_argument("--quick", action="store_true", help="tiny configuration (every code path, ~10 min on 2 cores)")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in the results file, skip their runs")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
-    p.add_argument("--steps", type=int, help="optimizer steps of every run (tuning runs too)")
-    p.add_argument("--lr_private", type=float, nargs="+",
-                   help="learning rates for private runs; two or more: tune each method on the held-out train split")
-    p.add_argument("--lr_nonprivate", type=float, nargs="+", help="the same for non-private runs")
-    p.add_argument("--output", help="results file (default benchmarks/results/utility[_quick].json)")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["tune", "test", "federated", "table", "all", "reuse-demo-options"])
+    p.add_argument("--quick", action="store_true", help="every stage at toy size: checks the code paths, not the numbers")
+    p.add_argument("--model", choices=list(MODELS), default="cut")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--epsilons", type=float, nargs="+", help="test: a subset of 1 3 8")
+    p.add_argument("--seeds", type=int, nargs="+", help="test: a subset of 0 1 2")
+    p.add_argument("--federated_results", default=os.path.join(HERE, "results", "federated_defaults.json"))
+    p.add_argument("--plot", default=None, help="where to draw the plot (default docs/utility.png; --quick: a temp file)")
     a = p.parse_args(argv)
-    cfg = dict(QUICK if a.quick else FULL)
-    if a.methods:
-        cfg["methods"] = a.methods
-    if a.steps:
-        cfg["steps"] = cfg["tune_steps"] = a.steps
-    cfg["lr_grid"] = {"private": a.lr_private or cfg["lr_grid"]["private"],
-                      "nonprivate": a.lr_nonprivate or cfg["lr_grid"]["nonprivate"]}
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    _log(f"config {cfg}; torch threads {torch.get_num_threads()}")
-    path = a.output or os.path.join(HERE, "results", "utility_quick.json" if a.quick else "utility.json")
-    results = Results(path, a.resume)
-    data = load_data(cfg)
-    if a.setting in ("central", "all"):
-        run_central(cfg, results, data)
-    if a.setting in ("federated", "all"):
-        run_federated(cfg, results, data)
-    print_table(results.rows)
-    plot(results.rows, os.path.join(tempfile.gettempdir(), "utility_quick.png") if a.quick
-         else os.path.join(ROOT, "docs", "utility.png"))
-    _log(f"wrote {path}")
+    if a.stage == "reuse-demo-options":
+        reuse_demo_options(a)
+    for stage in (["tune", "test", "federated"] if a.stage == "all" else [a.stage] if a.stage in ("tune", "test", "federated") else []):
+        run_federated(a) if stage == "federated" else run_stage(stage, a)
+    path = results_path(a.quick)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path)
+        data["rows"] = headline(data)
+        data["protocol"] = {"lr_grid": QUICK["lr_grid"] if a.quick else LR_GRID, "tune_epsilon": TUNE_EPSILON,
+                            "selection": "max held-out accuracy (macro-F1 breaks ties)", "clip": CLIP,
+                            "models": MODELS, "quick": a.quick}
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+    print(table(data["rows"]))
+    if data["rows"]:
+        out = a.plot or (os.path.join(tempfile.gettempdir(), "utility_quick.png") if a.quick else
+                         os.path.join(ROOT, "docs", "utility.png"))
+        plot(data["rows"], out)
+        print(f"plot: {out}")
 
 
 if __name__ == "__main__":
