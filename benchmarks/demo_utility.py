@@ -1,6 +1,6 @@
 """The embedded demo at its defaults over several seeds: accuracy, macro-F1, epsilon and wall time on the test split.
 
-    python benchmarks/demo_utility.py [--seeds 0 1 2] [--nonprivate] [-- extra hf-drencoder demo arguments]
+    python benchmarks/demo_utility.py [--seeds 0 1 2] [--nonprivate] [--out FILE] [-- extra hf-drencoder demo arguments]
 
 Each run is a whole ``hf-drencoder demo`` job in its own process (loading the model and data, tokenising,
 training, evaluating on the 2189 test documents); wall time is of that job. ``--seed`` sets the head's
@@ -44,6 +44,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nonprivate", action="store_true", help="also run the non-private reference (not re-run by default)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "demo.json"),
+                   help="results file (default benchmarks/results/demo.json)")
     p.add_argument("extra", nargs="*", help="extra hf-drencoder demo arguments (after --)")
     a = p.parse_args()
     from hf_drencoder.demo import DEMO_DEFAULTS, DEMO_MAX_LENGTH, NONPRIVATE_REFERENCE
@@ -72,11 +74,12 @@ def main() -> None:
           f"{summary['macro_f1']['mean']:.4f} ({summary['macro_f1']['min']:.4f}-{summary['macro_f1']['max']:.4f}), "
           f"wall {summary['wall_s']['min']:.0f}-{summary['wall_s']['max']:.0f} s; non-private reference "
           f"{NONPRIVATE_REFERENCE['accuracy']:.4f} / {NONPRIVATE_REFERENCE['macro_f1']:.4f}")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "demo.json")
+    path = a.out
     with open(path, "w") as f:
         json.dump({"cpu_count": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS", "default"),
                    "demo_defaults": {**DEMO_DEFAULTS, "max_length": DEMO_MAX_LENGTH}, "extra_args": a.extra,
-                   "nonprivate_reference": NONPRIVATE_REFERENCE, "summary_dp": summary, "rows": rows}, f, indent=2)
+                   "nonprivate_reference": NONPRIVATE_REFERENCE, "summary_dp": summary, "rows": rows,
+                   "load_average_after": os.getloadavg()}, f, indent=2)
     print(f"wrote {path}")
 
 

@@ -246,8 +246,11 @@ def reuse_demo_options(a) -> None:
 def headline(data: dict) -> list[dict]:
     """Test runs grouped over seeds: setting, method, epsilon, accuracy, macro_f1, seeds, uplink_bytes, examples."""
     groups: dict = {}
+    tuned = {(r["model"], r["method"]) for r in data["runs"] if r["stage"] == "tune"}
+    chosen = {key: chosen_lr(data, *key) for key in tuned}
     for r in data["runs"]:
-        if r["stage"] == "test":
+        # a central method's headline is at its tuned learning rate only (other rates' test runs stay in "runs")
+        if r["stage"] == "test" and chosen.get((r["model"], r["method"]), r["lr"]) == r["lr"]:
             groups.setdefault((r["setting"], r["model"], r["method"], r["target_epsilon"]), []).append(r)
     rows = []
     for (setting, model, method, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or math.inf)):
