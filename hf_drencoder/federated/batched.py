@@ -6,8 +6,8 @@ tensor (LoRA factors and ``modules_to_save`` copies, all ``nn.Linear`` weights a
 stacked ``[G, *shape]``; each row of the joint batch is multiplied by its own party's copy (selected by the row's
 party index), and the loss is the sum over parties of each party's mean loss. The gradient of party g's copy is
 then the gradient of party g's own loss, and AdamW and SGD are elementwise, so one optimizer over the stacks takes
-exactly the step each party's own optimizer would take. Batches are drawn as `Party._batches` draws them, from each
-party's own seed: the same rows, in the same order, as one party at a time.
+exactly the step each party's own optimizer would take. Batches are drawn as `Party.batch_indices` draws them, from
+each party's own seed: the same rows, in the same order, as one party at a time.
 
 This is only sound if rows do not influence each other in the forward pass (a party's update must depend on its own
 data only: the client-level sensitivity is about one party). `check_parties_independent` refuses batch-coupling
@@ -91,19 +91,6 @@ def _stacked(model, params, stacks):
             del m.forward, m._dr_stacks, m._dr_group
 
 
-def _batch_indices(party: Party, steps: int, batch_size: int, generator: torch.Generator):
-    """The row indices of `Party._batches`, drawn with the same generator calls."""
-    n = len(party.dataset)
-    order = torch.randperm(n, generator=generator)
-    pos = 0
-    for _ in range(steps):
-        if pos + min(batch_size, n) > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + min(batch_size, n)]
-        pos += len(idx)
-        yield [int(i) for i in idx]
-
-
 def batched_local_updates(model, params: list[torch.nn.Parameter], layout, parties: Sequence[Party], seeds: Sequence[int], *,
                           steps: int, batch_size: int, learning_rate: float, optimizer: str, task: str,
                           data_collator) -> list[torch.Tensor]:
@@ -118,7 +105,7 @@ def batched_local_updates(model, params: list[torch.nn.Parameter], layout, parti
     problem_type = getattr(getattr(model, "config", None), "problem_type", None)
     opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
     opt = opt_cls(stacks, lr=learning_rate, **({"weight_decay": 0.0} if optimizer == "adamw" else {}))
-    draws = [_batch_indices(party, steps, batch_size, torch.Generator().manual_seed(int(seed)))
+    draws = [party.batch_indices(steps, batch_size, torch.Generator().manual_seed(int(seed)))
              for party, seed in zip(parties, seeds)]
     was_training = model.training
     model.train()

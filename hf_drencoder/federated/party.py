@@ -127,7 +127,9 @@ class Party:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _batches(self, steps: int, batch_size: int, generator: torch.Generator):
+    def batch_indices(self, steps: int, batch_size: int, generator: torch.Generator):
+        """Row indices of each local step: epochs of a ``generator`` permutation, cut into batches of
+        ``min(batch_size, rows)`` (a batch never spans two epochs)."""
         n = len(self.dataset)
         order = torch.randperm(n, generator=generator)
         pos = 0
@@ -136,7 +138,11 @@ class Party:
                 order, pos = torch.randperm(n, generator=generator), 0
             idx = order[pos : pos + min(batch_size, n)]
             pos += len(idx)
-            yield self.data_collator([self.dataset[int(i)] for i in idx])
+            yield [int(i) for i in idx]
+
+    def _batches(self, steps: int, batch_size: int, generator: torch.Generator):
+        for idx in self.batch_indices(steps, batch_size, generator):
+            yield self.data_collator([self.dataset[i] for i in idx])
 
     def local_update(self, model, params: list[torch.nn.Parameter], layout: LoraLayout, *, steps: int, batch_size: int,
                      learning_rate: float, optimizer: str = "sgd", task: str, seed: int = 0) -> torch.Tensor:
