@@ -74,11 +74,12 @@ def test_dirichlet_partition_sizes_and_label_skew():
 
 
 def test_equal_size_dirichlet_partition_gives_thousands_of_small_skewed_parties():
-    # 1,000 parties on 5,500 rows: the per-class Dirichlet split cannot give every party a row, this one can
+    # 1,000 parties on 5,500 rows: the per-class Dirichlet split cannot give every party a row (shown at 200 parties
+    # of 2 rows, where its 1,000 redraws are quick), this one can
     data = _labelled(5500, 8)
     labels = np.asarray(data["labels"])
     with pytest.raises(ValueError, match="raise alpha"):
-        partition_indices(data, 1000, "dirichlet", alpha=0.5, seed=0)
+        partition_indices(_labelled(400, 8), 200, "dirichlet", alpha=0.5, seed=0)
     parts = partition_indices(data, 1000, "dirichlet_equal_size", alpha=0.5, seed=0)
     assert sorted(i for p in parts for i in p) == list(range(5500))  # disjoint and complete
     assert sorted({len(p) for p in parts}) == [5, 6]
