@@ -4,7 +4,7 @@
     python benchmarks/utility.py test       # the chosen rates on the whole test split, epsilon 1 3 8 and inf, 3 seeds
     python benchmarks/utility.py federated  # client-level DP: 1,000 parties, ~100 per round (benchmarks/federated_defaults.py)
     python benchmarks/utility.py table      # the headline rows, written to the results file's "rows", and the plot
-    python benchmarks/utility.py all --quick   # every stage at toy size, every code path (about 5 minutes on 2 cores)
+    python benchmarks/utility.py all --quick   # every stage at toy size, every code path (a few minutes on 2 cores)
     python benchmarks/utility.py reuse-demo-options   # copy the runs benchmarks/demo_options.py already made
                                                       # under this protocol (dp-lora and dp-ffa at epsilon 8)
 
