@@ -18,6 +18,7 @@ the party's own noise, encoding) is per party, as before.
 
 from __future__ import annotations
 
+import logging
 import types
 from contextlib import contextmanager
 from typing import Sequence
@@ -26,9 +27,12 @@ import torch
 
 from ..losses import per_sample_losses
 from ..privacy.coupling import check_example_independence, check_up_front
-from .party import Party, _model_inputs
+from .party import Party, _model_inputs, log_party_failure
+from .server import party_round_randomness
 
-__all__ = ["BatchedPartiesError", "batched_local_updates", "check_parties_independent"]
+__all__ = ["BatchedParties", "BatchedPartiesError", "batched_local_updates", "check_parties_independent"]
+
+logger = logging.getLogger("hf_drencoder.federated.simulation")  # the server's log, as for one party at a time
 
 
 class BatchedPartiesError(ValueError):
@@ -150,3 +154,30 @@ def check_parties_independent(model, parties: Sequence[Party], data_collator, ta
     with torch.random.fork_rng(devices=[]):
         check_example_independence(rows, data_collator, loss_fn, model, task=task,
                                    collator_name=f"the data collator {type(data_collator).__name__}")
+
+
+class BatchedParties:
+    """The simulation's batched local training: checks independence once (refused, not worked around: a party's
+    update must depend on its own rows only), then trains each chunk of sampled parties in one pass; if a pass raises,
+    returns None so that its parties train one at a time and a failing party is found and left out alone."""
+
+    def __init__(self, model, params, layout, parties: Sequence[Party], data_collator, task: str):
+        self.model, self.params, self.layout, self.parties = model, params, layout, parties
+        self.data_collator, self.task = data_collator, task
+        self.checked = False
+
+    def updates(self, chunk: list[int], round_index: int, args) -> list[torch.Tensor] | None:
+        if not self.checked:
+            check_parties_independent(self.model, [self.parties[p] for p in chunk[:2]], self.data_collator, self.task)
+            self.checked = True
+        seeds = [party_round_randomness(args.seed, None, round_index, pid, False)[0] for pid in chunk]
+        try:
+            return batched_local_updates(
+                self.model, self.params, self.layout, [self.parties[p] for p in chunk], seeds, steps=args.local_steps,
+                batch_size=args.local_batch_size, learning_rate=args.local_learning_rate, optimizer=args.local_optimizer,
+                task=self.task, data_collator=self.data_collator)
+        except Exception as e:  # noqa: BLE001 - retried one party at a time, where a failure is a party's own
+            log_party_failure(f"{chunk[0]}..{chunk[-1]}", f"round {round_index + 1} (batched)", e)
+            logger.warning("round %d: the batched local training of %d parties failed (%s); training them one at a time",
+                           round_index + 1, len(chunk), type(e).__name__)
+            return None

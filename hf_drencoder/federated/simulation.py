@@ -103,7 +103,7 @@ class FederatedSimulation:
         # post-processing of the released aggregates: its state is saved with the federation, it costs no privacy
         self.server_optimizer = ServerOptimizer.from_args(args)
         self._ready = False
-        self._parties_checked = False
+        self._batcher = None  # BatchedParties, made at the first batched round
         self._server_view_cache: dict = {}
 
     # ---- properties ----------------------------------------------------------------------------------------
@@ -260,28 +260,13 @@ class FederatedSimulation:
         )
 
     def _batched_updates(self, chunk: list[int], round_index: int) -> list[torch.Tensor] | None:
-        """The local updates of the parties in ``chunk`` trained in one batch (`batched_local_updates`), or None if
-        that failed (the parties then train one at a time, so a failing party is found and left out alone)."""
-        from .batched import batched_local_updates
+        """The local updates of ``chunk`` trained in one batch, or None (see `.batched.BatchedParties`)."""
+        if self._batcher is None:
+            from .batched import BatchedParties
 
-        a = self.args
-        if not self._parties_checked:
-            from .batched import check_parties_independent
-
-            # refused, not worked around: a party's update must depend on its own rows only
-            check_parties_independent(self.model, [self.parties[p] for p in chunk[:2]], self.data_collator, self.task)
-            self._parties_checked = True
-        seeds = [party_round_randomness(a.seed, None, round_index, pid, False)[0] for pid in chunk]
-        try:
-            return batched_local_updates(
-                self.model, self.params, self.layout, [self.parties[p] for p in chunk], seeds, steps=a.local_steps,
-                batch_size=a.local_batch_size, learning_rate=a.local_learning_rate, optimizer=a.local_optimizer,
-                task=self.task, data_collator=self.data_collator)
-        except Exception as e:  # noqa: BLE001 - retried one party at a time, where a failure is a party's own
-            log_party_failure(f"{chunk[0]}..{chunk[-1]}", f"round {round_index + 1} (batched)", e)
-            logger.warning("round %d: the batched local training of %d parties failed (%s); training them one at a time",
-                           round_index + 1, len(chunk), type(e).__name__)
-            return None
+            self._batcher = BatchedParties(self.model, self.params, self.layout, self.parties, self.data_collator,
+                                           self.task)
+        return self._batcher.updates(chunk, round_index, self.args)
 
     def run_round(self) -> dict:
         """One training round; returns its history record."""
