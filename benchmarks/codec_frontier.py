@@ -3,18 +3,24 @@
     python benchmarks/codec_frontier.py                                   # the full grid (hours on a CPU)
     python benchmarks/codec_frontier.py --methods dp-lora codec --ratios 1/64 1/16 --seeds 0   # a slice
     python benchmarks/codec_frontier.py --quick                           # every code path in minutes; numbers mean nothing
+    python benchmarks/codec_frontier.py --report     # no runs: the Markdown table (mean over seeds) and docs/codec_frontier.png
 
 Every run is the ``hf-drencoder demo`` configuration (`hf_drencoder.demo.DEMO_DEFAULTS`: MiniLM-L6, LoRA r 8 on query
-and value of the top two layers, 32 tokens, expected batch 1088, 20 steps, constant lr 2e-2, C 0.1, target epsilon 8
+and value of the top two layers, 32 tokens, expected batch 1088, 20 steps, FFA-LoRA (A frozen), constant lr 5e-2, C 0.1, target epsilon 8
 with PRV at delta 1/N), trained on 85% of the R8 TRAIN split and scored on the held-out 15%
 (``train_test_split(test_size=0.15, seed=1234)``, as benchmarks/demo_recipe.py); the test split is never read. Methods:
 
 - ``dp-lora``: no compression, the fp32 LoRA gradient and head (the reference);
 - ``dp-lora-r1``, ``-r2``, ``-r4``: DP-LoRA at a lower LoRA rank (fewer bytes by construction);
+- ``subspace``: ``codec="subspace"`` with ``noise_space="latent"`` (clipping and noise in the latent) at each ratio;
+  ``subspace-gradient`` the same codec compressing the noised gradient (``noise_space="gradient"``);
 - ``codec``: ``codec="auto"`` (stage 1 on the training data, its cost inside the same epsilon 8) at each latent ratio;
 - ``codec-paper``: the same with ``codec_prior="paper"``;
 - ``random-projection``, ``top-k``, ``powersgd``: the baselines of `hf_drencoder.codec.baselines` at the same ratio
-  (PowerSGD rank 1, its bytes fixed by the rank).
+  (PowerSGD rank 1, its bytes fixed by the rank), the head sent raw; ``random-projection-all``, ``top-k-all``: the
+  same with the head coded in the one vector (``raw_head=False``), for a total byte budget;
+- ``subspace-raw-head``: the subspace codec with the head sent raw, at the baselines' bytes; ``subspace-head50``: half
+  of the same total budget to the head (``head_share=0.5``).
 
 The uplink bytes are every byte that leaves the party per step, the head (sent raw in fp32) included. As a diagnostic
 each step records the cosine between the gradient the optimizer receives (decoded) and the clean aggregate (the sum
@@ -25,6 +31,7 @@ of the clipped per-example gradients before noise), over the LoRA coordinates. R
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -38,8 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "codec", "codec-paper", "random-projection", "top-k",
-           "powersgd")
+METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "subspace", "subspace-raw-head", "subspace-head50", "subspace-gradient",
+           "codec", "codec-paper", "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
+BASELINE_METHODS = ("random-projection", "top-k", "powersgd", "random-projection-all", "top-k-all")
 RATIO_FREE = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "powersgd")  # their bytes do not follow --ratios
 
 
@@ -58,6 +66,9 @@ def _args(out: str, method: str, ratio: float, seed: int, quick: bool):
     if method.startswith("dp-lora-r"):
         r = int(method.rsplit("r", 1)[1])
         kw.update(default_lora_r=r, default_lora_alpha=2 * r)  # alpha / r = 2, as at r 8
+    if method.startswith("subspace"):
+        kw.update(codec="subspace", codec_latent_ratio=ratio,  # subspace-raw-head: the object replaces it
+                  noise_space="gradient" if method == "subspace-gradient" else "latent")
     if method in ("codec", "codec-paper"):
         kw.update(codec="auto", codec_latent_ratio=ratio, codec_prior="paper" if method == "codec-paper" else "lowrank")
         if quick:
@@ -83,12 +94,27 @@ class _CosineSpy:
                 return release(all_reduce)
 
             mech.release = spy
+            if trainer._latent_noise:
+                # the mechanism sums latents: keep the clean aggregate in gradient space, each example clipped to C
+                step_obj, add = trainer._step, trainer._step._add_per_unit
+                c = trainer.args.per_sample_max_grad_norm
+
+                def add_and_spy(grads):
+                    flat = trainer.layout.flatten(grads).detach().float()
+                    flat = flat * (c / flat.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+                    self.latent_clean = flat.sum(0) + (self.latent_clean if self.latent_clean is not None else 0)
+                    add(grads)
+
+                step_obj._add_per_unit = add_and_spy
 
         trainer._start_mechanism = start_and_spy
+        self.latent_clean = None
 
     def on_step(self) -> None:
         t = self.trainer
-        if self.clean is None or t.codec is not None and getattr(t.args, "noise_space", "gradient") == "latent":
+        if t._latent_noise:
+            self.clean, self.latent_clean = self.latent_clean, None
+        if self.clean is None:
             return
         decoded = t.layout.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in t._params]).cpu()
         lora = torch.tensor([b.factor.startswith("lora") for b in t.layout.blocks for _ in range(b.numel)])
@@ -97,10 +123,11 @@ class _CosineSpy:
         self.clean = None
 
 
-def run_one(data, method: str, ratio: float, seed: int, quick: bool) -> dict:
+def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
     from hf_drencoder import DRTrainer
+    from hf_drencoder.codec import LoraLayout, SubspaceCodec
     from hf_drencoder.codec.baselines import make_baseline
     from hf_drencoder.embedded import minilm_path
     from hf_drencoder.metrics import classification_compute_metrics
@@ -109,12 +136,20 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data["num_labels"])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        trainer = DRTrainer(model=model, args=_args(out, method, ratio, seed, quick), train_dataset=data["train"],
+        args = _args(out, method, ratio, seed, quick)
+        if lr is not None:
+            args.learning_rate = lr
+        trainer = DRTrainer(model=model, args=args, train_dataset=data["train"],
                             eval_dataset=data["heldout"], processing_class=data["tokenizer"],
                             compute_metrics=classification_compute_metrics())
-        if method in ("random-projection", "top-k", "powersgd"):
+        if method in BASELINE_METHODS:
             # the trainer has wrapped the model in LoRA: the baseline is made for that layout (no prior, no data)
-            trainer._codec_spec = make_baseline(method, trainer.model, ratio, seed=seed)
+            trainer._codec_spec = make_baseline(method.removesuffix("-all"), trainer.model, ratio, seed=seed,
+                                                raw_head=not method.endswith("-all"))
+        if method in ("subspace-raw-head", "subspace-head50"):
+            trainer._codec_spec = SubspaceCodec(
+                LoraLayout.from_model(trainer.model).to_dict(), ratio, seed=seed,
+                **(dict(head="raw") if method == "subspace-raw-head" else dict(head_share=0.5)))
         spy = _CosineSpy(trainer)
 
         class _OnStep(TrainerCallback):
@@ -128,7 +163,7 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool) -> dict:
         report = trainer.privacy_report()
     lora_dim = sum(b.numel for b in trainer.layout.blocks if b.factor.startswith("lora"))
     return dict(
-        method=method, ratio=None if method in RATIO_FREE else ratio, seed=seed, quick=quick,
+        method=method, ratio=None if method in RATIO_FREE else ratio, seed=seed, quick=quick, lr=lr,
         accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"], eval_loss=metrics["eval_loss"],
         uplink_bytes=report["uplink_bytes"], uplink_ratio=report["uplink_ratio"],
         uncompressed_bytes=4 * trainer.layout.dim, lora_values=lora_dim, head_values=trainer.layout.dim - lora_dim,
@@ -157,15 +192,27 @@ def load_data(heldout_samples: int | None):
 
 
 def _key(r):
-    return (r["method"], r["ratio"], r["seed"], r["quick"])
+    return (r["method"], r["ratio"], r["seed"], r["quick"], r.get("lr"))
 
 
-def save(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "configuration": "hf-drencoder demo defaults, target epsilon 8",
-                   "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+def _load(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def save(path: str, row: dict) -> list[dict]:
+    """Add one run to the results file under a lock (parallel processes write to the same file); all rows back."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [x for x in _load(path) if _key(x) != _key(row)] + [row]
+        with open(path + ".tmp", "w") as f:
+            json.dump({"cpu_count": os.cpu_count(), "configuration": "hf-drencoder demo defaults, target epsilon 8",
+                       "rows": rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -179,6 +226,75 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grouped(rows: list[dict]) -> list[dict]:
+    """One entry per (method, ratio, lr) over the seeds: mean, min and max accuracy and macro-F1."""
+    groups: dict = {}
+    for r in rows:
+        if not r["quick"]:
+            groups.setdefault((r["method"], r["ratio"], r.get("lr")), []).append(r)
+    out = []
+    for (method, ratio, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1][0]["uplink_bytes"])):
+        acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
+        cos = [r["cosine_lora_mean"] for r in rs if r["cosine_lora_mean"] is not None]
+        out.append(dict(method=method, ratio=ratio, lr=lr, seeds=sorted(r["seed"] for r in rs),
+                        uplink_bytes=rs[0]["uplink_bytes"], uplink_ratio=rs[0]["uplink_ratio"],
+                        accuracy=sum(acc) / len(acc), accuracy_min=min(acc), accuracy_max=max(acc),
+                        macro_f1=sum(f1) / len(f1), cosine_lora_mean=sum(cos) / len(cos) if cos else None,
+                        cosine_per_step=[sum(c) / len(c) for c in zip(*[r["cosine_lora_per_step"] for r in rs])]))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | ratio | bytes/step | of uncompressed | accuracy (mean, min-max) | macro-F1 | seeds | "
+             "cos(decoded, clean) |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for g in sorted(grouped(rows), key=lambda g: -g["uplink_bytes"]):
+        ratio = "-" if g["ratio"] is None else f"1/{round(1 / g['ratio'])}"
+        spread = f" ({g['accuracy_min']:.3f}-{g['accuracy_max']:.3f})" if len(g["seeds"]) > 1 else ""
+        cos = "-" if g["cosine_lora_mean"] is None else f"{g['cosine_lora_mean']:.3f}"
+        name = g["method"] + (f" lr {g['lr']:g}" if g["lr"] is not None else "")
+        lines.append(f"| {name} | {ratio} | {g['uplink_bytes']:,} | {g['uplink_ratio']:.4f} | {g['accuracy']:.3f}{spread} "
+                     f"| {g['macro_f1']:.3f} | {len(g['seeds'])} | {cos} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy against bytes per step (one line per method, the seeds' range as error bars), and the per-step
+    cosine between the decoded gradient and the clean aggregate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in grouped(rows) if g["lr"] is None]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_method: dict = {}
+    for g in groups:
+        by_method.setdefault(g["method"], []).append(g)
+    for method, gs in sorted(by_method.items()):
+        gs.sort(key=lambda g: g["uplink_bytes"])
+        x = [g["uplink_bytes"] for g in gs]
+        y = [g["accuracy"] for g in gs]
+        err = [[g["accuracy"] - g["accuracy_min"] for g in gs], [g["accuracy_max"] - g["accuracy"] for g in gs]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes per step (every byte, head included)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Accuracy against bytes, epsilon 8 (demo configuration)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    for g in groups:
+        if g["method"] in ("dp-lora", "subspace", "top-k", "random-projection", "powersgd", "codec") and g["cosine_per_step"]:
+            ratio = "" if g["ratio"] is None else f" 1/{round(1 / g['ratio'])}"
+            bx.plot(range(1, len(g["cosine_per_step"]) + 1), g["cosine_per_step"], label=g["method"] + ratio)
+    bx.set_xlabel("step")
+    bx.set_ylabel("cosine(decoded, clean aggregate), LoRA part")
+    bx.set_title("Per-step diagnostic (mean over seeds)")
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -188,19 +304,23 @@ def main(argv=None) -> None:
     p.add_argument("--heldout_samples", type=int, default=None, help="score on the first N held-out documents only")
     p.add_argument("--quick", action="store_true", help="3 steps of 64, 128 held-out documents: numbers mean nothing")
     p.add_argument("--out", default=None, help="results file")
+    p.add_argument("--lr", type=float, default=None, help="learning rate instead of the demo's (recorded in the row)")
+    p.add_argument("--report", action="store_true", help="no runs: print the Markdown table and write the plot")
+    p.add_argument("--plot", default=os.path.join(os.path.dirname(HERE), "docs", "codec_frontier.png"))
     a = p.parse_args(argv)
     path = a.out or os.path.join(HERE, "results", "codec_frontier_quick.json" if a.quick else "codec_frontier.json")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)["rows"]
+    rows = _load(path)
+    if a.report:
+        print(markdown(rows))
+        plot(rows, a.plot)
+        print(f"wrote {a.plot}")
+        return
     data = load_data(128 if a.quick else a.heldout_samples)
     for seed in a.seeds:
         for method in a.methods:
             for ratio in [None] if method in RATIO_FREE else a.ratios:
-                r = run_one(data, method, ratio if ratio is not None else 1.0, seed, a.quick)
-                rows = [x for x in rows if _key(x) != _key(r)] + [r]
-                save(path, rows)
+                r = run_one(data, method, ratio if ratio is not None else 1.0, seed, a.quick, a.lr)
+                rows = save(path, r)
                 print(f"[codec_frontier {time.strftime('%H:%M:%S')}] {method} ratio {ratio} seed {seed}: accuracy "
                       f"{r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} bytes {r['uplink_bytes']} "
                       f"cosine {r['cosine_lora_mean']}", flush=True)

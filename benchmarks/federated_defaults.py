@@ -3,6 +3,7 @@
     python benchmarks/federated_defaults.py --plan tune        # local settings, on 85/15 of the TRAIN split
     python benchmarks/federated_defaults.py --plan final       # the headline rows on the test split
     python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8 (see below)
+    python benchmarks/federated_defaults.py --plan codec       # the same with the subspace codec at 1/16 and 1/64
     python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
     python benchmarks/federated_defaults.py --table            # print the table of what was measured
     python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
@@ -93,6 +94,12 @@ PLANS = {
         _row("population-eps8-shares1-s0", **dict(POPULATION_FINAL, noise_shares=1)),
         _row("population-nodp-s0", **dict(POPULATION_FINAL, epsilon=None)),
     ],
+    # the codec frontier in the population setting, on the held-out split: the subspace codec (each party's noised
+    # update projected on the round's public subspace) against population-tune-slr5-r2-r40 (no codec)
+    "codec": [
+        *[_row(f"population-tune-r2-r40-subspace-1/{d}", split="tune", codec="subspace", codec_ratio=1 / d,
+               **dict(POPULATION, lora_r=2, rounds=40)) for d in (16, 64)],
+    ],
 }
 
 
@@ -140,6 +147,8 @@ def run_row(spec: dict) -> dict:
             noise_seed=spec["seed"], disable_tqdm=True, lora_r=spec.get("lora_r", 8), lora_alpha=2 * spec.get("lora_r", 8),
             lora_target_modules=lora_modules(spec["top_layers"]), per_device_eval_batch_size=256,
         )
+        if spec.get("codec"):
+            kw.update(codec=spec["codec"], codec_latent_ratio=spec["codec_ratio"])
         if spec.get("noise_shares", 1) != 1 and spec["epsilon"] is not None:
             kw["noise_shares"] = spec["noise_shares"]
         if spec["server_optimizer"] != "fedavg":
@@ -162,7 +171,9 @@ def run_row(spec: dict) -> dict:
                 epsilon=report["epsilon"] if spec["epsilon"] is not None else None,
                 noise_multiplier=report.get("noise_multiplier"), accountant=report.get("accountant"),
                 party_noise_multiplier=report.get("party_noise_multiplier"),
-                epsilon_server_view=report.get("epsilon_server_view"), uplink_bytes_per_party=4 * sim.layout.dim,
+                epsilon_server_view=report.get("epsilon_server_view"),
+                uplink_bytes_per_party=train_rounds[-1].get("uplink_bytes_per_party", 4 * sim.layout.dim),
+                uncompressed_bytes_per_party=4 * sim.layout.dim,
                 delta=report.get("delta"), rounds_run=len(train_rounds),
                 mean_parties_per_round=sum(h["num_received"] for h in train_rounds) / max(1, len(train_rounds)),
                 mean_update_norm=sum(h["update_norm"] for h in train_rounds) / max(1, len(train_rounds)),

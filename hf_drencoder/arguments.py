@@ -66,13 +66,16 @@ class DRArgumentsMixin:
 
     DR-Encoder codec (stage 2; see docs/codec.md):
         codec: ``None`` (send the LoRA gradient as is), ``"auto"`` (run stage 1 on the training data first:
-            private statistics, prior, codec; its cost is in the same accountant), or a path / Hub id of a saved
-            `GradientCodec`. A codec object can also be passed to ``DRTrainer(codec=...)``.
+            private statistics, prior, codec; its cost is in the same accountant), ``"subspace"`` (a subspace that
+            follows training, from released gradients and a public seed: no stage 1, no privacy cost; best with
+            ``noise_space="latent"``), or a path / Hub id of a saved codec. A codec object can also be passed to
+            ``DRTrainer(codec=...)``.
         noise_space: gradient (clip and noise the gradient, then encode: the codec is post-processing) |
             latent (encode each example's gradient with the codec's fixed linear encoder, clip and noise the
             latents: noise in k << d dimensions).
-        codec_latent_ratio, codec_prior, codec_stats_noise_multiplier, codec_stats_batches,
-        codec_stats_batch_size: stage 1 of ``codec="auto"``.
+        codec_latent_ratio: values sent per gradient value (``"auto"``, ``"subspace"``).
+        codec_prior, codec_stats_noise_multiplier, codec_stats_batches, codec_stats_batch_size: stage 1 of
+            ``codec="auto"``.
 
     LoRA (used only when the model is not a ``PeftModel`` and no ``peft_config`` is given):
         default_lora_r, default_lora_alpha, default_lora_dropout, default_lora_target_modules (named apart from
@@ -193,7 +196,8 @@ class DRArgumentsMixin:
     codec: str | None = field(
         default=None,
         metadata={"help": "DR-Encoder gradient codec: 'auto' (stage 1 on the training data, privately, before "
-                  "training), a path or Hub id of a saved GradientCodec, or unset (no codec)."},
+                  "training), 'subspace' (a subspace that follows training: no stage 1, no privacy cost), a path or Hub id of "
+                  "a saved codec, or unset (no codec)."},
     )
     noise_space: str = field(
         default="gradient",
@@ -202,7 +206,7 @@ class DRArgumentsMixin:
                   "linear encoder).", "choices": list(NOISE_SPACES)},
     )
     codec_latent_ratio: float = field(
-        default=1 / 64, metadata={"help": "codec='auto': latent size over LoRA gradient size (the uplink ratio)."}
+        default=1 / 64, metadata={"help": "codec='auto' or 'subspace': latent size over gradient size (the uplink ratio)."}
     )
     codec_prior: str = field(
         default="lowrank",

@@ -49,6 +49,13 @@ class _CodecMixin:
             logger.warning("DRTrainer: %s has no codec state; resuming with a fresh codec state", resume_from_checkpoint)
         elif isinstance(spec, str) and spec == "auto":
             return self._stage1_statistics(n)
+        if isinstance(spec, str) and spec == "subspace":
+            # a public seed and the released gradients only: nothing to pay for, nothing to load
+            from .codec.subspace import SubspaceCodec
+
+            self.codec = self._checked_codec(SubspaceCodec(self.layout.to_dict(), self.args.codec_latent_ratio,
+                                                           seed=self.args.seed))
+            return None
         codec = load_codec(spec, self.model)  # names the path and what is wrong with it
         self.codec = self._checked_codec(codec)
         self.codec.reset_state()

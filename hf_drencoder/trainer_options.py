@@ -62,6 +62,8 @@ class _OptionsMixin:
     def _options_in_force(self) -> str:
         """The options' part of the privacy-in-force log line."""
         text = f"released dimension={self.released_dimension()}"
+        if getattr(self, "codec", None) is not None and self.args.noise_space == "latent":
+            text += f" (clipped and noised in the codec's latent: {self.codec.latent_dim} dimensions)"
         if self.args.clipping == "automatic":
             text += f", clipping_gamma={self.args.clipping_gamma:g}"
         if self.args.lora_freeze_a:

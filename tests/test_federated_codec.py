@@ -59,10 +59,11 @@ def test_resume_continues_the_accountant(tmp_path):
                             fed_args(tmp_path, resume_from_checkpoint=str(tmp_path))).run()
 
 
-def test_a_full_size_codec_at_tiny_noise_applies_the_same_update_as_no_codec(tmp_path):
+@pytest.mark.parametrize("codec", ["auto", "subspace"])
+def test_a_full_size_codec_at_tiny_noise_applies_the_same_update_as_no_codec(tmp_path, codec):
     # checks the plumbing: latents aggregated by sum/sqrt(k), scaled by 1/sqrt(qN), decoded at sigma C/sqrt(qN)
-    def update(codec):
-        args = fed_args(tmp_path, parties_per_round=6, num_rounds=1, eval_every=0, noise_multiplier=1e-5, codec=codec,
+    def update(spec):
+        args = fed_args(tmp_path, parties_per_round=6, num_rounds=1, eval_every=0, noise_multiplier=1e-5, codec=spec,
                         stats_rounds=1, stats_noise_multiplier=1e-5, codec_latent_ratio=1.0)
         sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), args)
         sim._setup()
@@ -70,7 +71,7 @@ def test_a_full_size_codec_at_tiny_noise_applies_the_same_update_as_no_codec(tmp
         sim.run()
         return _adapter(sim) - start
 
-    plain, coded = update(None), update("auto")
+    plain, coded = update(None), update(codec)
     assert float(plain.norm()) > 0
     assert torch.allclose(coded, plain, atol=1e-3 * float(plain.abs().max()))
 

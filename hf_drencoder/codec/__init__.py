@@ -3,7 +3,7 @@ pre-trained on prior samples (never on real gradients).
 
 Reading order: `.layout` (gradient <-> flat vector), `.statistics` (the private release),
 `.priors` (what the server builds from it), `.codec` (the codec: `.measurement` encodes, `.decoder` decodes,
-`.temporal` carries the state across steps), `.baselines` (compressors to compare against),
+`.temporal` carries the state across steps), `.subspace` (a codec whose subspace follows training), `.baselines` (compressors to compare against),
 `.pretrain` (training on synthetic samples), `.cli` (``hf-drencoder pretrain-codec``).
 """
 
@@ -12,6 +12,7 @@ from .layout import Block, LayoutMismatchError, LoraLayout
 from .loading import CodecLoadError, load_codec
 from .pretrain import pretrain_codec
 from .priors import PRIORS, GaussianPrior, build_prior
+from .subspace import SubspaceCodec
 from .statistics import (
     PARTS,
     GradientStatistics,
@@ -33,6 +34,7 @@ __all__ = [
     "PARTS",
     "PRIORS",
     "StatisticsAccumulator",
+    "SubspaceCodec",
     "build_prior",
     "collect_gradient_statistics",
     "latent_size",

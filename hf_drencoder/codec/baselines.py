@@ -1,7 +1,8 @@
 """Baseline compressors with the interface of `GradientCodec`, to compare against at equal uplink bytes.
 
 Each one takes the step's released (noised) LoRA gradient and returns the estimate the receiver applies; the
-``modules_to_save`` tensors (the head) travel raw next to the payload, as with `GradientCodec`, and
+``modules_to_save`` tensors (the head) travel raw next to the payload by default, as with `GradientCodec`
+(``raw_head=False``: coded with the rest, for comparisons at a total byte budget), and
 ``payload_bytes`` counts every byte that leaves the party, head included. None of them uses a prior or any data
 of its own, so they add nothing to the privacy ledger (``stage1_history`` is ``[]``).
 
@@ -28,27 +29,29 @@ import torch
 from torch import nn
 
 from .codec import GradientCodec, check_latent_ratio, latent_size
+from .interface import PublicCodecMixin
 from .layout import LoraLayout
 from .measurement import _lowrank_groups, _stack, _unstack
 
 BASELINES = ("random-projection", "top-k", "powersgd")
 
 
-class BaselineCodec(nn.Module):
+class BaselineCodec(PublicCodecMixin, nn.Module):
     """What the baselines share: the layout, the raw head, the byte count and the message interface."""
 
     kind = "baseline"
     lora_rank = 0
     raw_head = True
 
-    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0):
+    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0, raw_head: bool = True):
         super().__init__()
         self.layout = layout if isinstance(layout, LoraLayout) else LoraLayout.from_dict(layout)
         self.latent_ratio = check_latent_ratio(latent_ratio)
         self.seed = int(seed)
+        self.raw_head = bool(raw_head)
         raw = torch.zeros(self.layout.dim, dtype=torch.bool)
         for b, sl in self.layout.block_slices():
-            raw[sl] = b.factor == "head"
+            raw[sl] = raw_head and b.factor == "head"
         self._set_raw(raw)
         self.budget = latent_size(self.coded_dim, latent_ratio) if self.coded_dim else 0
         self.prior_kind = self.kind
@@ -67,18 +70,6 @@ class BaselineCodec(nn.Module):
     def latent_dim(self) -> int:
         return self.payload_values + self.raw_dim
 
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of one message: the payload (fp32 numbers, int32 indices) and the fp32 head values."""
-        return 4 * self.latent_dim
-
-    @property
-    def stage1_history(self) -> list:
-        return []
-
-    check_layout = GradientCodec.check_layout
-    _to_flat = GradientCodec._to_flat
-    roundtrip = GradientCodec.roundtrip
 
     @torch.no_grad()
     def encode(self, grads, noise_std: float | None = None) -> torch.Tensor:
@@ -125,8 +116,8 @@ class RandomProjectionCodec(BaselineCodec):
     kind = "random-projection"
     _CHUNK = 256  # rows of P drawn at a time (P itself, k x n, is never held)
 
-    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0):
-        super().__init__(layout, latent_ratio, seed)
+    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0, raw_head: bool = True):
+        super().__init__(layout, latent_ratio, seed, raw_head)
         self.payload_values = self.budget
 
     def step_seed(self) -> int:
@@ -153,8 +144,8 @@ class TopKCodec(BaselineCodec):
 
     kind = "top-k"
 
-    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0):
-        super().__init__(layout, latent_ratio, seed)
+    def __init__(self, layout, latent_ratio: float = 1 / 64, seed: int = 0, raw_head: bool = True):
+        super().__init__(layout, latent_ratio, seed, raw_head)
         if self.coded_dim >= 2**24:
             raise ValueError("top-k indices travel as float32 in the latent: at most 2^24 coordinates")
         self.num_values = max(1, self.budget // 2)
@@ -240,14 +231,17 @@ class PowerSGDCodec(BaselineCodec):
         self.warm_q.copy_(torch.randn(self.warm_q.shape, generator=g))
 
 
-def make_baseline(kind: str, layout, latent_ratio: float = 1 / 64, seed: int = 0, rank: int = 1) -> BaselineCodec:
-    """The baseline ``kind`` (one of `BASELINES`) for ``layout`` (a `LoraLayout`, its dict, or a PEFT model)."""
+def make_baseline(kind: str, layout, latent_ratio: float = 1 / 64, seed: int = 0, rank: int = 1,
+                  raw_head: bool = True) -> BaselineCodec:
+    """The baseline ``kind`` (one of `BASELINES`) for ``layout`` (a `LoraLayout`, its dict, or a PEFT model).
+    ``raw_head=False`` codes the head with the LoRA factors in one vector at ``latent_ratio`` (random projection and
+    top-k; PowerSGD factors LoRA matrices only and always sends the head raw)."""
     if isinstance(layout, nn.Module):
         layout = LoraLayout.from_model(layout)
     if kind == "random-projection":
-        return RandomProjectionCodec(layout, latent_ratio, seed)
+        return RandomProjectionCodec(layout, latent_ratio, seed, raw_head)
     if kind == "top-k":
-        return TopKCodec(layout, latent_ratio, seed)
+        return TopKCodec(layout, latent_ratio, seed, raw_head)
     if kind == "powersgd":
         return PowerSGDCodec(layout, rank, seed)
     raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")

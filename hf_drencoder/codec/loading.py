@@ -59,6 +59,12 @@ def _check_folder(path: str, spec: str) -> None:
         raise CodecLoadError(f"{config_path} is not a GradientCodec config: it has no 'layout' (keys: {keys})")
 
 
+def _is_subspace(path: str) -> bool:
+    """A folder written by `SubspaceCodec.save_pretrained` (its config has the subspace codec's own keys)."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        return {"history", "momentum", "head"} <= set(json.load(f))
+
+
 def load_codec(spec, model=None, *, layout=None, **kwargs):
     """The `GradientCodec` that ``spec`` names, checked against ``model``'s LoRA layout.
 
@@ -77,8 +83,9 @@ def load_codec(spec, model=None, *, layout=None, **kwargs):
     from .baselines import BaselineCodec
     from .codec import GradientCodec
     from .layout import LayoutMismatchError
+    from .subspace import SubspaceCodec
 
-    if isinstance(spec, (GradientCodec, BaselineCodec)):
+    if isinstance(spec, (GradientCodec, BaselineCodec, SubspaceCodec)):
         if model is not None or layout is not None:
             spec.check_layout(layout if layout is not None else model)
         return spec
@@ -92,8 +99,9 @@ def load_codec(spec, model=None, *, layout=None, **kwargs):
         parent = os.path.dirname(os.path.abspath(path))
         where = "" if os.path.isdir(parent) else f" (nor does its parent folder {parent})"
         raise CodecLoadError(f"codec path {spec!r} does not exist{where}; it is not a Hub repo id either")
+    cls = SubspaceCodec if os.path.exists(path) and _is_subspace(path) else GradientCodec
     try:
-        return GradientCodec.from_pretrained(path if os.path.exists(path) else spec, model=model, layout=layout, **kwargs)
+        return cls.from_pretrained(path if os.path.exists(path) else spec, model=model, layout=layout, **kwargs)
     except (LayoutMismatchError, CodecLoadError):
         raise
     except HFValidationError as e:

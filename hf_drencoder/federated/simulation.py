@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from ..codec.codec import GradientCodec
+from ..codec.loading import load_codec
+from ..codec.subspace import SubspaceCodec
 from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
@@ -63,7 +65,7 @@ class FederatedSimulation:
         args: `FederatedArguments`.
         eval_dataset: evaluated on the global adapter every ``args.eval_every`` rounds.
         compute_metrics: takes an ``EvalPrediction``, as Trainer's does.
-        codec: a `GradientCodec`, a folder or Hub id, ``"auto"`` (stage 1 from the
+        codec: a `GradientCodec` or `SubspaceCodec`, a folder or Hub id, ``"subspace"``, ``"auto"`` (stage 1 from the
             parties), or None (default: ``args.codec``). Its encoder must be linear.
         data_collator: turns a list of rows into a batch (default ``transformers.default_data_collator``).
 
@@ -149,17 +151,21 @@ class FederatedSimulation:
         spec = self.codec_spec
         if spec is None:
             return
-        if isinstance(spec, GradientCodec):
+        if isinstance(spec, (GradientCodec, SubspaceCodec)):
             self.codec = spec
+        elif spec == "subspace":  # a public seed and released updates only: no stage 1, no privacy cost
+            self.codec = SubspaceCodec(LoraLayout.from_model(self.model).to_dict(), self.args.codec_latent_ratio,
+                                       seed=self.args.seed)
         elif spec == "auto":
             if self.args.stats_rounds < 1:
                 raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
             self._run_statistics_rounds()
             return
         elif isinstance(spec, str):
-            self.codec = GradientCodec.from_pretrained(spec, model=self.model)
+            self.codec = load_codec(spec, self.model)
         else:
-            raise TypeError(f"codec must be a GradientCodec, a folder or Hub id, 'auto' or None; got {type(spec).__name__}")
+            raise TypeError(f"codec must be a GradientCodec or SubspaceCodec, a folder or Hub id, 'auto', 'subspace' or "
+                            f"None; got {type(spec).__name__}")
         self.codec.check_layout(self.model)
         account_codec_prior(self.ledger, self.codec, local=is_local(self.args))
 
@@ -456,7 +462,7 @@ class FederatedSimulation:
             raise ValueError(f"the saved federation {'has' if has_codec else 'has no'} codec but this run asks for "
                              f"codec={self.codec_spec!r}: resume with the same codec setting")
         if has_codec:
-            self.codec = GradientCodec.from_pretrained(os.path.join(folder, CODEC_DIR), model=self.model)
+            self.codec = load_codec(os.path.join(folder, CODEC_DIR), self.model)
         mine, saved = self._fingerprint(), state["fingerprint"]
         # states written before these options existed
         saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, "noise_shares": 1,

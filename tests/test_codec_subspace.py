@@ -1,0 +1,199 @@
+"""The subspace codec: a projection onto directions from released gradients and a public per-step sketch; in
+DRTrainer with noise in its latent space."""
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from conftest import dr_args, make_cls_dataset, make_tiny_bert
+from hf_drencoder import DRTrainer
+from hf_drencoder.codec import LayoutMismatchError, LoraLayout, SubspaceCodec, load_codec
+
+LAYOUT = LoraLayout(
+    ["m.lora_A.default.weight", "m.lora_B.default.weight", "c.modules_to_save.default.weight"],
+    [(8, 96), (96, 8), (4, 96)],
+)
+
+
+def _codec(**kw):
+    return SubspaceCodec(LAYOUT.to_dict(), kw.pop("latent_ratio", 1 / 16), **kw)
+
+
+def test_the_message_is_a_projection_with_a_budget_per_part():
+    c = _codec()
+    assert c.budget == {"lora": 96, "head": 24} and c.latent_dim == 120 and c.payload_bytes == 480
+    g = torch.randn(3, LAYOUT.dim)
+    for _ in range(3):  # before and after a history exists
+        d = c.decode(c.encode(g))
+        assert torch.allclose(c.decode(c.encode(d)), d, atol=1e-4)  # idempotent
+        assert (d * (g - d)).sum(1).abs().max() < 1e-3 * g.norm(dim=1).max() ** 2  # orthogonal residual
+        assert torch.allclose(c.encode(g[0]), c.encode(g)[0], atol=1e-5)  # linear, one row at a time or batched
+        c.observe(d[0])
+    # the head has its own budget: a gradient on the head alone does not take the LoRA part's latent
+    head = torch.zeros(LAYOUT.dim)
+    head[-384:] = torch.randn(384)
+    assert c.encode(head)[:96].abs().max() < 1e-6
+
+
+def test_a_zero_message_decodes_to_zero_and_a_persistent_direction_is_recovered():
+    c = _codec(history=2)
+    assert c.decode(torch.zeros(c.latent_dim)).abs().max() == 0
+    v = torch.randn(LAYOUT.dim)
+    first = c.decode(c.encode(v))
+    assert torch.nn.functional.cosine_similarity(first, v, 0) < 0.5  # a random sketch of 1/16 sees little
+    c.observe(v)
+    assert c.decode(torch.zeros(c.latent_dim)).abs().max() == 0  # the history is a basis, not an offset
+    again = c.decode(c.encode(v))
+    assert torch.nn.functional.cosine_similarity(again, v, 0) > 0.999  # released direction: measured exactly
+    blind = _codec(history=0)
+    blind.observe(v)
+    assert torch.nn.functional.cosine_similarity(blind.decode(blind.encode(v)), v, 0) < 0.5
+
+
+def test_the_basis_is_public_state_only():
+    a, b, other = _codec(seed=1), _codec(seed=1), _codec(seed=2)
+    g = torch.randn(LAYOUT.dim)
+    assert torch.equal(a.encode(g), b.encode(g)) and not torch.allclose(a.encode(g), other.encode(g))
+    z = a.encode(g)
+    assert torch.equal(a.encode(g), z)  # encoding changes nothing: every micro-batch of a step uses one map
+    released = a.decode(z)
+    a.observe(released)
+    b.observe(released)
+    h = torch.randn(LAYOUT.dim)
+    assert torch.equal(a.encode(h), b.encode(h))  # both ends follow the same released messages
+    assert not torch.equal(a.encode(h), _codec(seed=1).encode(h))  # ... and the step moves the sketch on
+
+
+def test_raw_head_is_counted_and_the_state_saves_and_loads(tmp_path):
+    c = _codec(head="raw")
+    assert c.latent_dim == 96 + 384 and c.payload_bytes == 4 * (96 + 384)
+    g = torch.randn(LAYOUT.dim)
+    assert torch.equal(c.decode(c.encode(g))[-384:], g[-384:])
+    c.observe(g)
+    c.save_pretrained(tmp_path / "s")
+    loaded = load_codec(str(tmp_path / "s"), layout=LAYOUT)
+    assert isinstance(loaded, SubspaceCodec) and loaded.step == 1 and loaded.head == "raw"
+    assert torch.equal(loaded.encode(g), c.encode(g))
+    with pytest.raises(LayoutMismatchError):
+        load_codec(str(tmp_path / "s"), layout=LoraLayout(["x.lora_A.weight"], [(2, 4)]))
+    for bad in ({"head": "zip"}, {"history": -1}, {"momentum": 1.0}, {"latent_ratio": 0.0}):
+        with pytest.raises(ValueError):
+            _codec(**bad)
+
+
+N = 96
+
+
+def test_trainer_clips_and_noises_the_subspace_latent(tmp_path, caplog):
+    sigma, C, B = 2.0, 0.05, 16
+    args = dr_args(tmp_path, noise_multiplier=sigma, per_sample_max_grad_norm=C, per_device_train_batch_size=B,
+                   max_steps=3, codec="subspace", codec_latent_ratio=1 / 16, noise_space="latent")
+    trainer = DRTrainer(model=make_tiny_bert(), args=args, train_dataset=make_cls_dataset(n=N))
+    per_sample, sums, released = [], [], []
+    start = trainer._start_mechanism
+
+    def spy(step):
+        start(step)
+        mech = trainer._mechanism
+        add, release = mech.add_per_sample, mech.release
+        mech.add_per_sample = lambda g: per_sample.append(g[0].clone()) or add(g)
+
+        def rel(all_reduce=None):
+            sums.append(mech._sums[0].clone())
+            out = release(all_reduce)
+            released.append(out[0].clone())
+            return out
+
+        mech.release = rel
+
+    trainer._start_mechanism = spy
+    with caplog.at_level("WARNING", logger="hf_drencoder"):
+        trainer.train()
+    codec = trainer.codec
+    assert f"noised in the codec's latent: {codec.latent_dim} dimensions" in caplog.text
+    assert isinstance(codec, SubspaceCodec) and codec.step == 3
+    assert all(z.shape[1] == codec.latent_dim for z in per_sample)
+    assert max(z.norm(dim=1).max().item() for z in per_sample) > C  # clipping had work to do ...
+    total = sum(z.shape[0] for z in per_sample)
+    assert sum(s.norm().item() for s in sums) <= total * C * (1 + 1e-4)  # ... and every latent is within C
+    noise = torch.cat([y - s / B for s, y in zip(sums, released)])
+    assert noise.std().item() == pytest.approx(sigma * C / B, rel=0.15)  # 3 x ~200 latent coordinates
+    report = trainer.privacy_report()
+    assert report["noise_space"] == "latent" and report["codec_stage1_privacy"]["public"]
+    # the same mechanism as uncompressed DP-SGD, nothing else in the ledger: opacus' own RDP accountant agrees
+    rdp = RDPAccountant()
+    rdp.history = [(sigma, B / N, 3)]
+    assert report["epsilon_rdp"] == pytest.approx(rdp.get_epsilon(report["delta"]), rel=1e-3)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["uplink_bytes"] == codec.payload_bytes < 4 * trainer.layout.dim / 8
+
+
+def test_adding_one_example_moves_the_latent_sum_by_at_most_C():
+    from hf_drencoder.privacy.mechanism import GaussianGradientMechanism
+
+    c = _codec()
+    C = 0.1
+    g = torch.randn(40, LAYOUT.dim)
+    sums = []
+    for rows in (g[:39], g):
+        mech = GaussianGradientMechanism([torch.zeros(c.latent_dim)], max_grad_norm=C, noise_multiplier=0.0,
+                                         expected_batch_size=1)
+        mech.add_per_sample([c.encode(rows)])
+        sums.append(mech._sums[0].clone())
+    assert (sums[1] - sums[0]).norm().item() <= C * (1 + 1e-5)
+    assert (sums[1] - sums[0]).norm().item() > 0.5 * C  # the bound is reached, not trivially met
+
+
+def test_trainer_resumes_the_subspace_state(tmp_path):
+    args = dr_args(tmp_path, max_steps=2, codec="subspace", noise_space="latent", save_strategy="steps",
+                   save_steps=2)
+    first = DRTrainer(model=make_tiny_bert(), args=args, train_dataset=make_cls_dataset(n=N))
+    first.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "codec" / "config.json").is_file()
+    args = dr_args(tmp_path, max_steps=3, codec="subspace", noise_space="latent", save_strategy="no")
+    resumed = DRTrainer(model=make_tiny_bert(), args=args, train_dataset=make_cls_dataset(n=N))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.codec.step == 3
+    assert torch.equal(resumed.codec.state_dict()["recent"][1], first.codec.state_dict()["recent"][0])
+
+
+def test_federated_subspace_messages_resume_and_cost_nothing(tmp_path):
+    from hf_drencoder.federated import FederatedSimulation
+    from hf_drencoder.privacy import compute_epsilon
+    from test_federated import _adapter, fed_args
+
+    args = fed_args(tmp_path, num_rounds=3, eval_every=0, codec="subspace", codec_latent_ratio=1 / 16)
+    first = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), args)
+    history = first.run(max_rounds=2)
+    codec = first.codec
+    assert isinstance(codec, SubspaceCodec) and codec.step == 2
+    assert all(h["uplink_bytes_per_party"] == codec.payload_bytes < 4 * first.layout.dim / 8 for h in history)
+    # nothing but the training rounds in the client-level accountant
+    assert history[-1]["epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 2)], 1 / 6, "prv"), rel=1e-9)
+    state = tmp_path / "fed" / "last-state"
+    args2 = fed_args(tmp_path, num_rounds=3, eval_every=0, codec="subspace", codec_latent_ratio=1 / 16,
+                     resume_from_checkpoint=str(state))
+    second = FederatedSimulation(make_tiny_bert(seed=3), make_cls_dataset(n=48), args2)
+    second._setup()
+    assert second.codec.step == 2 and torch.equal(second.codec.ema, codec.ema)
+    assert torch.equal(_adapter(second), _adapter(first))
+
+
+def test_head_share_splits_the_same_total_budget():
+    c = _codec(head_share=0.5)
+    assert c.budget == {"lora": 60, "head": 60} and c.latent_dim == _codec().latent_dim
+    with pytest.raises(ValueError, match="head_share"):
+        _codec(head_share=0.5, head="raw")
+
+
+def test_baselines_can_code_the_head_for_a_total_byte_budget():
+    from hf_drencoder.codec.baselines import make_baseline
+
+    for kind in ("top-k", "random-projection"):
+        raw, coded = make_baseline(kind, LAYOUT, 1 / 16), make_baseline(kind, LAYOUT, 1 / 16, raw_head=False)
+        assert raw.raw_dim == 384 and coded.raw_dim == 0
+        assert coded.payload_bytes < raw.payload_bytes and coded.coded_dim == LAYOUT.dim
+        g = torch.zeros(LAYOUT.dim)
+        g[-384:] = torch.randn(384)  # a gradient on the head only still gets through the coded message
+        assert coded.decode(coded.encode(g))[-384:].abs().sum() > 0
