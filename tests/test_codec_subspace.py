@@ -197,3 +197,26 @@ def test_baselines_can_code_the_head_for_a_total_byte_budget():
         g = torch.zeros(LAYOUT.dim)
         g[-384:] = torch.randn(384)  # a gradient on the head only still gets through the coded message
         assert coded.decode(coded.encode(g))[-384:].abs().sum() > 0
+
+
+def test_a_federated_party_clips_and_noises_its_latent():
+    from hf_drencoder.federated import Party
+
+    c = _codec()
+    party = Party(0, [0], lambda rows: rows)
+    update = 5 * torch.randn(LAYOUT.dim)
+    clean = party.message(update, max_norm=0.5, noise_multiplier=0.0, generator=None, codec=c)
+    assert clean.kind == "latent" and clean.payload.numel() == c.latent_dim
+    assert clean.payload.norm().item() == pytest.approx(0.5, rel=1e-5)  # the latent, clipped to C
+    assert torch.allclose(clean.payload, c.encode(update) * 0.5 / c.encode(update).norm(), atol=1e-6)
+    noisy = [party.message(update, max_norm=0.5, noise_multiplier=2.0, generator=torch.Generator().manual_seed(s),
+                           codec=c).payload - clean.payload for s in range(20)]
+    assert torch.stack(noisy).std().item() == pytest.approx(2.0 * 0.5, rel=0.05)  # 20 x 120 latent coordinates
+    # a round with fewer messages than noise shares: the server's top-up is drawn in the latent, at full strength
+    from hf_drencoder.federated import FederatedServer
+
+    server = FederatedServer(LAYOUT, num_parties=100, sample_rate=0.1, max_norm=0.5, noise_multiplier=2.0, codec=c,
+                             noise_seed=0, noise_shares=10)
+    top_up = torch.stack([server.phantom_message(r, shares=4) for r in range(20)])
+    assert top_up.shape[1] == c.latent_dim
+    assert top_up.std().item() == pytest.approx(server.party_noise_multiplier * 0.5 * 2, rel=0.05)

@@ -60,6 +60,7 @@ class SubspaceCodec(
 
     kind = "subspace"
     lora_rank = 0  # no data-dependent power iteration: the encoder is a fixed linear map within a step
+    clips_in_latent = True  # federated parties clip and noise the latent of their update (one round, one map)
     prior_kind = "subspace"
 
     def __init__(self, layout: dict, latent_ratio: float = 1 / 64, history: int = 4, momentum: float = 0.9,

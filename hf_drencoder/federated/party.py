@@ -186,7 +186,12 @@ class Party:
 
     def message(self, update: torch.Tensor, *, max_norm: float, noise_multiplier: float, generator: torch.Generator | None,
                 codec=None, codec_noise_std: float | None = None) -> PartyMessage:
-        """This party's message for its local ``update``: clip, its own noise, encode."""
+        """This party's message for its local ``update``: clip, its own noise, encode. A codec that clips in its latent
+        (``clips_in_latent``: a fixed linear map of public state, as `SubspaceCodec`) encodes first, and the latent is
+        clipped to C and noised: the same Gaussian mechanism on k values instead of d."""
+        if codec is not None and getattr(codec, "clips_in_latent", False):
+            latent = codec.encode(update.detach().float(), noise_std=codec_noise_std)
+            return PartyMessage(self.party_id, privatize_update(latent, max_norm, noise_multiplier, generator), "latent")
         noised = privatize_update(update, max_norm, noise_multiplier, generator)
         payload, kind = encode_message(noised, codec, codec_noise_std)
         return PartyMessage(self.party_id, payload, kind)

@@ -197,6 +197,8 @@ class FederatedServer:
         (m - k of them; m = 1, k = 0: one message's noise), encoded like a party's message."""
         g = self._generator(1, round_index)
         std = self.party_noise_multiplier * self.max_norm * math.sqrt(shares)
+        if self.codec is not None and getattr(self.codec, "clips_in_latent", False):
+            return gaussian_noise_like(torch.zeros(self.codec.latent_dim), std, g)  # parties noise their latents
         noise = gaussian_noise_like(torch.zeros(self.layout.dim), std, g)
         return encode_message(noise, self.codec, self.decode_noise_std or None)[0]
 
