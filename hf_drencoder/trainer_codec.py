@@ -55,6 +55,11 @@ class _CodecMixin:
 
             self.codec = self._checked_codec(SubspaceCodec(self.layout.to_dict(), self.args.codec_latent_ratio,
                                                            seed=self.args.seed))
+            if self.args.noise_space != "latent" and self.dp_enabled:
+                logger.warning(
+                    "DRTrainer: codec='subspace' with noise_space='gradient' clips each example's whole gradient and "
+                    "projects the noised sum, which keeps little of the signal (on the demo task at 1/64: 0.53 accuracy "
+                    "against 0.70 in latent space, docs/codec.md). Set noise_space='latent' to clip and noise the latent")
             return None
         codec = load_codec(spec, self.model)  # names the path and what is wrong with it
         self.codec = self._checked_codec(codec)

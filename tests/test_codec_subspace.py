@@ -220,3 +220,11 @@ def test_a_federated_party_clips_and_noises_its_latent():
     top_up = torch.stack([server.phantom_message(r, shares=4) for r in range(20)])
     assert top_up.shape[1] == c.latent_dim
     assert top_up.std().item() == pytest.approx(server.party_noise_multiplier * 0.5 * 2, rel=0.05)
+
+
+def test_subspace_in_gradient_space_says_what_it_costs(tmp_path, caplog):
+    args = dr_args(tmp_path, max_steps=1, codec="subspace")  # noise_space left at "gradient"
+    trainer = DRTrainer(model=make_tiny_bert(), args=args, train_dataset=make_cls_dataset(n=N))
+    with caplog.at_level("WARNING", logger="hf_drencoder"):
+        trainer.train()
+    assert "Set noise_space='latent'" in caplog.text and isinstance(trainer.codec, SubspaceCodec)
