@@ -247,7 +247,11 @@ def grouped(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | ratio | bytes/step | of uncompressed | accuracy (mean, min-max) | macro-F1 | seeds | "
              "cos(decoded, clean) |", "|---|---:|---:|---:|---|---:|---:|---:|"]
-    for g in sorted(grouped(rows), key=lambda g: -g["uplink_bytes"]):
+    groups = grouped(rows)
+    # against the uncompressed DP-LoRA message of the demo's rank (a lower-rank row's own ratio is against itself)
+    ref = max((g["uplink_bytes"] for g in groups if g["method"] == "dp-lora"), default=None)
+    for g in sorted(groups, key=lambda g: -g["uplink_bytes"]):
+        g["uplink_ratio"] = g["uplink_bytes"] / ref if ref else g["uplink_ratio"]
         ratio = "-" if g["ratio"] is None else f"1/{round(1 / g['ratio'])}"
         spread = f" ({g['accuracy_min']:.3f}-{g['accuracy_max']:.3f})" if len(g["seeds"]) > 1 else ""
         cos = "-" if g["cosine_lora_mean"] is None else f"{g['cosine_lora_mean']:.3f}"
@@ -270,17 +274,20 @@ def plot(rows: list[dict], path: str) -> None:
     by_method: dict = {}
     for g in groups:
         by_method.setdefault(g["method"], []).append(g)
-    for method, gs in sorted(by_method.items()):
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vDP*Xhp<>"
+    for i, (method, gs) in enumerate(sorted(by_method.items())):
         gs.sort(key=lambda g: g["uplink_bytes"])
         x = [g["uplink_bytes"] for g in gs]
         y = [g["accuracy"] for g in gs]
         err = [[g["accuracy"] - g["accuracy_min"] for g in gs], [g["accuracy_max"] - g["accuracy"] for g in gs]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (i // 10)],
+                    capsize=3, label=method)
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes per step (every byte, head included)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Accuracy against bytes, epsilon 8 (demo configuration)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     ax.grid(alpha=0.3)
     for g in groups:
         if g["method"] in ("dp-lora", "subspace", "top-k", "random-projection", "powersgd", "codec") and g["cosine_per_step"]:
