@@ -228,3 +228,12 @@ def test_subspace_in_gradient_space_says_what_it_costs(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hf_drencoder"):
         trainer.train()
     assert "Set noise_space='latent'" in caplog.text and isinstance(trainer.codec, SubspaceCodec)
+
+
+def test_flower_refuses_the_subspace_codec_by_name_object_and_folder(tmp_path):
+    from hf_drencoder.federated.flower_common import _load_codec
+
+    _codec().save_pretrained(tmp_path / "s")
+    for spec in ("subspace", _codec(), str(tmp_path / "s")):
+        with pytest.raises(ValueError, match="not available on Flower"):
+            _load_codec(spec, None)

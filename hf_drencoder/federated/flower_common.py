@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Mapping
 
 import numpy as np
@@ -83,6 +84,15 @@ def _load_codec(spec, model):
             "codec='auto' is not available on Flower (its stage-1 statistics rounds run only in FederatedSimulation). "
             "Pre-train a codec (hf-drencoder pretrain-codec, or FederatedSimulation with codec='auto'), publish it, and "
             "give its folder or Hub id as codec= on the server and the parties"
+        )
+    from ..codec.loading import _is_subspace
+    from ..codec.subspace import SubspaceCodec
+
+    if isinstance(spec, SubspaceCodec) or spec == "subspace" or (
+            isinstance(spec, str) and os.path.isfile(os.path.join(spec, "config.json")) and _is_subspace(spec)):
+        raise ValueError(
+            "the subspace codec is not available on Flower yet (its parties clip and noise their latent, which the "
+            "Flower party and server do not implement): run it in FederatedSimulation, or use a GradientCodec"
         )
     if isinstance(spec, str):
         return GradientCodec.from_pretrained(spec, model=model)
