@@ -127,7 +127,7 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
     from hf_drencoder import DRTrainer
-    from hf_drencoder.codec import LoraLayout, SubspaceCodec
+    from hf_drencoder.codec import SubspaceCodec
     from hf_drencoder.codec.baselines import make_baseline
     from hf_drencoder.embedded import minilm_path
     from hf_drencoder.metrics import classification_compute_metrics
@@ -147,8 +147,8 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
             trainer._codec_spec = make_baseline(method.removesuffix("-all"), trainer.model, ratio, seed=seed,
                                                 raw_head=not method.endswith("-all"))
         if method in ("subspace-raw-head", "subspace-head50"):
-            trainer._codec_spec = SubspaceCodec(
-                LoraLayout.from_model(trainer.model).to_dict(), ratio, seed=seed,
+            trainer._codec_spec = SubspaceCodec.for_model(
+                trainer.model, ratio, seed=seed,
                 **(dict(head="raw") if method == "subspace-raw-head" else dict(head_share=0.5)))
         spy = _CosineSpy(trainer)
 

@@ -53,8 +53,8 @@ class _CodecMixin:
             # a public seed and the released gradients only: nothing to pay for, nothing to load
             from .codec.subspace import SubspaceCodec
 
-            self.codec = self._checked_codec(SubspaceCodec(self.layout.to_dict(), self.args.codec_latent_ratio,
-                                                           seed=self.args.seed))
+            self.codec = self._checked_codec(SubspaceCodec.for_model(self.layout, self.args.codec_latent_ratio,
+                                                                     seed=self.args.seed))
             if self.args.noise_space != "latent" and self.dp_enabled:
                 logger.warning(
                     "DRTrainer: codec='subspace' with noise_space='gradient' clips each example's whole gradient and "

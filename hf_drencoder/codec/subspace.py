@@ -100,6 +100,12 @@ class SubspaceCodec(
         self.stage1_privacy = {"public": True, "reason": "subspace codec: a public seed and released gradients only"}
         self._cache = None
 
+    @classmethod
+    def for_model(cls, model_or_layout, latent_ratio: float = 1 / 64, **kwargs) -> "SubspaceCodec":
+        """A fresh codec for a PEFT model's trainable layout (or a `LoraLayout`)."""
+        layout = model_or_layout if isinstance(model_or_layout, LoraLayout) else LoraLayout.from_model(model_or_layout)
+        return cls(layout.to_dict(), latent_ratio, **kwargs)
+
     # the interface of GradientCodec -------------------------------------------------------------------------
     @property
     def step(self) -> int:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from ..codec.codec import GradientCodec
+from ..codec.layout import LoraLayout
 from ..codec.loading import load_codec
 from ..codec.subspace import SubspaceCodec
-from ..codec.layout import LoraLayout
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
@@ -154,8 +154,7 @@ class FederatedSimulation:
         if isinstance(spec, (GradientCodec, SubspaceCodec)):
             self.codec = spec
         elif spec == "subspace":  # a public seed and released updates only: no stage 1, no privacy cost
-            self.codec = SubspaceCodec(LoraLayout.from_model(self.model).to_dict(), self.args.codec_latent_ratio,
-                                       seed=self.args.seed)
+            self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed)
         elif spec == "auto":
             if self.args.stats_rounds < 1:
                 raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
