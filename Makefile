@@ -27,8 +27,10 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/hf-drencoder demo $(ARGS)
 
+# two worker processes (one torch thread each, tests/conftest.py), whole files per worker; TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(ARGS)
 
 docs: $(BIN)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

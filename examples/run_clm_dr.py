@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "run_clm_dr_result.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
+    trainer.accelerator.end_training()  # closes the trackers and, under `accelerate launch`, the process group (PyTorch can abort at exit without it)
     return results
 
 

@@ -9,6 +9,9 @@ warnings.filterwarnings("ignore", message="GDP accounting is experimental")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one torch thread each
+    torch.set_num_threads(1)
 from datasets import Dataset  # noqa: E402
 
 

@@ -69,3 +69,7 @@ if __name__ == "__main__":
         result["mismatch_error"] = str(err)
     rank = int(os.environ.get("RANK", "0"))
     torch.save(result, out / f"rank{rank}.pt")
+    # what Trainer.end() does: without it the gloo threads can outlive the interpreter and abort the process at exit
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
