@@ -3,7 +3,7 @@
     python benchmarks/federated_defaults.py --plan tune        # local settings, on 85/15 of the TRAIN split
     python benchmarks/federated_defaults.py --plan final       # the headline rows on the test split
     python benchmarks/federated_defaults.py --plan population  # 1,000 parties, ~100 per round, epsilon 8 (see below)
-    python benchmarks/federated_defaults.py --plan codec       # the same with the subspace codec at 1/16 and 1/64
+    python benchmarks/federated_defaults.py --plan codec       # the population setting with the subspace codec
     python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
     python benchmarks/federated_defaults.py --table            # print the table of what was measured
     python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
@@ -21,6 +21,13 @@ Dirichlet(0.5) label mix per party), ~100 per round, 5 local AdamW steps, server
 ``noise_shares=100`` (each party adds 1/100 of the aggregate's noise variance; docs/federated.md). The tune rows
 pick the LoRA rank (8, 2, 1) and the rounds (20, 40) on the held-out split (server lr 5; server lr 1 stayed at the majority class after 10 rounds); ``population-eps8-shares1-s0`` is the same run with every message carrying the full noise,
 and ``population-nodp-s0`` the same run without DP.
+
+``--plan codec``: the population setting on the held-out split, 20 rounds, LoRA r 2 (``population-tune-slr5-r2``
+is the same without a codec), with ``codec="subspace"``: its unbiased decoder and the latent clipped at
+``C sqrt(k/d)`` (0.5 at 1/4, 0.25 at 1/16), and ``history=0`` (a fresh random projection every round, the linear
+baseline at equal bytes; top-k and PowerSGD are not linear and cannot be aggregated). The two 40-round rows are the
+first attempt (projection decoder, C 1); they were stopped at the majority class and have no result. Bytes per
+party per round are in ``uplink_bytes_per_party``.
 
 A run of R rounds is evaluated every 10 rounds, so a 20-round non-private row also gives its 10-round figure;
 a DP row is calibrated for its own number of rounds (a 20-round DP row spends epsilon 8 over 20 rounds).
@@ -99,6 +106,22 @@ PLANS = {
     "codec": [
         *[_row(f"population-tune-r2-r40-subspace-1/{d}", split="tune", codec="subspace", codec_ratio=1 / d,
                parallel_parties=30, **dict(POPULATION, lora_r=2, rounds=40)) for d in (16, 64)],
+        # the decoder made unbiased outside the history (scale="unbiased": FedAvg applies the decoded update at the
+        # server lr, a projection on 1/16 of the directions keeps 1/16 of it) and the latent clipped at C sqrt(k/d)
+        # (the latent of an update has about sqrt(k/d) of its norm), so that the noise of the decoded update is that
+        # of the uncompressed run; history=0 is a fresh random projection every round (the baseline at equal bytes)
+        *[_row(f"population-tune-r2-r20-subspace-1/16-unbiased-c0.25{tag}", split="tune", codec="subspace",
+               codec_ratio=1 / 16, codec_options=dict(scale="unbiased", **opts), parallel_parties=30,
+               **dict(POPULATION, lora_r=2, clip=0.25)) for tag, opts in (("", {}), ("-history0", dict(history=0)))],
+        *[_row(f"population-tune-r2-r20-subspace-1/4-unbiased-c0.5{tag}", split="tune", codec="subspace",
+               codec_ratio=1 / 4, codec_options=dict(scale="unbiased", **opts), parallel_parties=30,
+               **dict(POPULATION, lora_r=2, clip=0.5)) for tag, opts in (("", {}), ("-history0", dict(history=0)))],
+        # seeds 1 and 2 of the 1/4 comparison: no codec, and the subspace codec
+        *[r for s in (1, 2) for r in (
+            _row(f"population-tune-slr5-r2-s{s}", split="tune", seed=s, **dict(POPULATION, lora_r=2)),
+            _row(f"population-tune-r2-r20-subspace-1/4-unbiased-c0.5-s{s}", split="tune", seed=s, codec="subspace",
+                 codec_ratio=1 / 4, codec_options=dict(scale="unbiased"), parallel_parties=30,
+                 **dict(POPULATION, lora_r=2, clip=0.5)))],
     ],
 }
 
@@ -147,6 +170,7 @@ def run_row(spec: dict) -> dict:
             noise_seed=spec["seed"], disable_tqdm=True, lora_r=spec.get("lora_r", 8), lora_alpha=2 * spec.get("lora_r", 8),
             lora_target_modules=lora_modules(spec["top_layers"]), per_device_eval_batch_size=256,
         )
+        codec = None
         if spec.get("codec"):
             kw.update(codec=spec["codec"], codec_latent_ratio=spec["codec_ratio"])
         if spec.get("parallel_parties", 1) > 1:  # the same updates as one party at a time, faster
@@ -159,7 +183,15 @@ def run_row(spec: dict) -> dict:
             kw["disable_dp"] = True
         else:
             kw["target_epsilon"] = spec["epsilon"]
-        sim = FederatedSimulation(model, train, FederatedArguments(**kw), eval_dataset=evaluation,
+        args = FederatedArguments(**kw)
+        if spec.get("codec_options"):  # a SubspaceCodec with settings: built for the LoRA-wrapped model
+            from hf_drencoder.codec import SubspaceCodec
+            from hf_drencoder.lora import wrap_with_lora
+
+            model = wrap_with_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                   target_modules=args.lora_target_modules)
+            codec = SubspaceCodec.for_model(model, spec["codec_ratio"], seed=spec["seed"], **spec["codec_options"])
+        sim = FederatedSimulation(model, train, args, eval_dataset=evaluation, codec=codec,
                                   compute_metrics=classification_compute_metrics())
         history = sim.run()
         report = sim.privacy_report()
@@ -204,7 +236,7 @@ def _fmt(x, spec=".4f"):
 
 def table(rows) -> str:
     head = (f"{'row':24s} {'split':5s} {'local':15s} {'server':14s} {'eps':>5s} {'rounds':>6s} {'acc@10':>7s} "
-            f"{'F1@10':>7s} {'acc@20':>7s} {'F1@20':>7s} {'wall s':>7s}")
+            f"{'F1@10':>7s} {'acc@20':>7s} {'F1@20':>7s} {'bytes/party':>11s} {'wall s':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         e10, e20 = r["by_round"].get("10") or r["by_round"].get(10), r["by_round"].get("20") or r["by_round"].get(20)
@@ -213,7 +245,7 @@ def table(rows) -> str:
         lines.append(
             f"{r['name']:24s} {r['split']:5s} {local:15s} {server:14s} {_fmt(r['epsilon'], '.2f'):>5s} {r['rounds_run']:>6d} "
             f"{_fmt(e10 and e10['accuracy']):>7s} {_fmt(e10 and e10['macro_f1']):>7s} {_fmt(e20 and e20['accuracy']):>7s} "
-            f"{_fmt(e20 and e20['macro_f1']):>7s} {r['wall_s']:>7.0f}")
+            f"{_fmt(e20 and e20['macro_f1']):>7s} {r.get('uplink_bytes_per_party') or '-':>11} {r['wall_s']:>7.0f}")
     return "\n".join(lines)
 
 

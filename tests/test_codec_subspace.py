@@ -50,6 +50,26 @@ def test_a_zero_message_decodes_to_zero_and_a_persistent_direction_is_recovered(
     assert torch.nn.functional.cosine_similarity(blind.decode(blind.encode(v)), v, 0) < 0.5
 
 
+def test_unbiased_scale_makes_the_sketch_part_unbiased_and_keeps_the_history_exact():
+    g = torch.randn(LAYOUT.dim)
+    for scale, expect in (("projection", 1 / 16), ("unbiased", 1.0)):
+        c = _codec(history=0, scale=scale)
+        mean = torch.zeros(LAYOUT.dim)
+        for _ in range(400):  # a fresh public sketch every step
+            mean += c.decode(c.encode(g)) / 400
+            c.state_step += 1
+            c._cache = None
+        # E[decode(encode(g))] = (r / d) g for the projection, g for the unbiased decoder (per part; 1/16 for both)
+        assert (mean @ g) / (g @ g) == pytest.approx(expect, rel=0.1)
+        assert torch.nn.functional.cosine_similarity(mean, g, 0) > (0.5 if scale == "unbiased" else 0.2)
+    c = _codec(history=2, scale="unbiased")
+    c.observe(g)  # a released direction is measured exactly, never amplified
+    assert torch.allclose(c.decode(c.encode(g)), g, atol=1e-4)
+    assert c.decode(torch.zeros(c.latent_dim)).abs().max() == 0
+    with pytest.raises(ValueError, match="scale"):
+        _codec(scale="bias")
+
+
 def test_the_basis_is_public_state_only():
     a, b, other = _codec(seed=1), _codec(seed=1), _codec(seed=2)
     g = torch.randn(LAYOUT.dim)
@@ -158,16 +178,20 @@ def test_trainer_resumes_the_subspace_state(tmp_path):
     assert torch.equal(resumed.codec.state_dict()["recent"][1], first.codec.state_dict()["recent"][0])
 
 
-def test_federated_subspace_messages_resume_and_cost_nothing(tmp_path):
+def test_federated_subspace_messages_resume_and_cost_nothing(tmp_path, caplog):
     from hf_drencoder.federated import FederatedSimulation
     from hf_drencoder.privacy import compute_epsilon
     from test_federated import _adapter, fed_args
 
     args = fed_args(tmp_path, num_rounds=3, eval_every=0, codec="subspace", codec_latent_ratio=1 / 16)
     first = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48), args)
-    history = first.run(max_rounds=2)
+    with caplog.at_level("WARNING", logger="hf_drencoder.federated.simulation"):
+        history = first.run(max_rounds=2)
     codec = first.codec
-    assert isinstance(codec, SubspaceCodec) and codec.step == 2
+    # the server applies the decoded update at its learning rate: the federated default decodes unbiased
+    assert isinstance(codec, SubspaceCodec) and codec.step == 2 and codec.scale == "unbiased"
+    k, d = codec.latent_dim, first.layout.dim
+    assert f"bounds each party's latent ({k} of {d} values)" in caplog.text and f"{(k / d) ** 0.5:.3g}" in caplog.text
     assert all(h["uplink_bytes_per_party"] == codec.payload_bytes < 4 * first.layout.dim / 8 for h in history)
     # nothing but the training rounds in the client-level accountant
     assert history[-1]["epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 2)], 1 / 6, "prv"), rel=1e-9)
@@ -176,7 +200,7 @@ def test_federated_subspace_messages_resume_and_cost_nothing(tmp_path):
                      resume_from_checkpoint=str(state))
     second = FederatedSimulation(make_tiny_bert(seed=3), make_cls_dataset(n=48), args2)
     second._setup()
-    assert second.codec.step == 2 and torch.equal(second.codec.ema, codec.ema)
+    assert second.codec.step == 2 and torch.equal(second.codec.ema, codec.ema) and second.codec.scale == "unbiased"
     assert torch.equal(_adapter(second), _adapter(first))
 
 

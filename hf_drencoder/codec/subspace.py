@@ -11,7 +11,10 @@ budget ``round(latent_ratio * part size)``), the step-``t`` encoder is the ortho
   history. New directions enter through it: what it measures joins the history at the next step.
 
 The message is ``z = U_t^T g`` (``k`` values); the receiver decodes the projection ``U_t z`` (exact least squares on
-the sketch, via Woodbury: the orthogonalised sketch columns are not exactly orthonormal).
+the sketch, via Woodbury: the orthogonalised sketch columns are not exactly orthonormal). A projection on ``r`` random
+directions keeps ``r / (d - h)`` of what lies outside the history, in expectation: with ``scale="unbiased"`` the
+decoder multiplies the sketch part by ``(d - h) / r``, so that the decoded update is unbiased there (what a server
+learning rate, as in FedAvg, needs; an optimizer that normalises its steps, as Adam, does not).
 
 ``U_t`` depends on nothing but the public seed and earlier released messages, so it is a fixed linear map during a
 step. With ``noise_space="latent"`` each example's latent ``U_t^T g_i`` is clipped to ``C`` and the Gaussian noise is
@@ -56,6 +59,8 @@ class SubspaceCodec(
         head_share: with a coded head, the share of the same total budget that goes to the head (default: in
             proportion to its size).
         seed: public seed of the random part (both ends derive each step's sketch from it; never the noise seed).
+        scale: ``"projection"`` (decode the projection ``U_t z``) or ``"unbiased"`` (the sketch part multiplied by
+            ``(d - h) / r``: unbiased outside the history, and its noise multiplied by the same factor).
     """
 
     kind = "subspace"
@@ -64,10 +69,13 @@ class SubspaceCodec(
     prior_kind = "subspace"
 
     def __init__(self, layout: dict, latent_ratio: float = 1 / 64, history: int = 4, momentum: float = 0.9,
-                 head: str = "coded", head_share: float | None = None, seed: int = 0):
+                 head: str = "coded", head_share: float | None = None, seed: int = 0, scale: str = "projection"):
         super().__init__()
         if head not in ("coded", "raw"):
             raise ValueError(f"head must be 'coded' or 'raw', got {head!r}")
+        if scale not in ("projection", "unbiased"):
+            raise ValueError(f"scale must be 'projection' or 'unbiased', got {scale!r}")
+        self.scale = scale
         if int(history) < 0:
             raise ValueError(f"history must be >= 0, got {history}")
         if not 0.0 <= float(momentum) < 1.0:
@@ -163,7 +171,8 @@ class SubspaceCodec(
             qh = self._history_basis(idx, k)
             r = k - qh.shape[1]
             bucket, w = self._sketch(p, idx.numel(), r) if r else (None, None)
-            entry = {"qh": qh, "r": r, "bucket": bucket, "w": w}
+            gain = (idx.numel() - qh.shape[1]) / r if r and self.scale == "unbiased" else 1.0
+            entry = {"qh": qh, "r": r, "bucket": bucket, "w": w, "gain": gain}
             if r:
                 wmat = self._sketch_t(qh.t(), entry)  # Q_h^T S: h x r
                 gram = torch.eye(qh.shape[1], device=qh.device) - wmat @ wmat.t()
@@ -214,7 +223,7 @@ class SubspaceCodec(
                 zr, off = latent[..., off : off + e["r"]], off + e["r"]
                 if h:  # (S'^T S')^{-1} = I + W^T (I - W W^T)^{-1} W
                     zr = zr + (zr @ e["wmat"].t()) @ e["inner"].t() @ e["wmat"]
-                g = g + zr[..., e["bucket"]] * e["w"] - (zr @ e["wmat"].t()) @ e["qh"].t()
+                g = g + e["gain"] * (zr[..., e["bucket"]] * e["w"] - (zr @ e["wmat"].t()) @ e["qh"].t())
             out[..., getattr(self, f"index_{p}")] = g
         if self.raw_dim:
             out[..., self.index_head] = latent[..., off:]
@@ -236,7 +245,7 @@ class SubspaceCodec(
 
     def extra_repr(self) -> str:
         return (f"dim={self.layout.dim}, latent_dim={self.latent_dim}, budget={self.budget}, history={self.history}, "
-                f"head={self.head}, layout={self.layout.fingerprint}")
+                f"head={self.head}, scale={self.scale}, layout={self.layout.fingerprint}")
 
 
 __all__ = ["SubspaceCodec"]

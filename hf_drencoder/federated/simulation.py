@@ -154,7 +154,9 @@ class FederatedSimulation:
         if isinstance(spec, (GradientCodec, SubspaceCodec)):
             self.codec = spec
         elif spec == "subspace":  # a public seed and released updates only: no stage 1, no privacy cost
-            self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed)
+            # unbiased outside the history: the server applies the decoded update at its learning rate (a projection
+            # on k of d directions would keep k/d of it; measured in docs/codec.md)
+            self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed, scale="unbiased")
         elif spec == "auto":
             if self.args.stats_rounds < 1:
                 raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
@@ -237,6 +239,13 @@ class FederatedSimulation:
             a.accountant, a.target_epsilon, a.num_rounds, "none" if self.codec is None else f"{self.codec.latent_dim} values",
             self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
         )
+        if self.codec is not None and getattr(self.codec, "clips_in_latent", False):
+            k, d = self.codec.latent_dim, self.layout.dim
+            logger.warning(
+                "FederatedSimulation: max_update_norm=%g bounds each party's latent (%d of %d values), and the noise scales "
+                "with it. A latent keeps about sqrt(k/d) = %.3g of its update's norm: max_update_norm = C x %.3g gives the "
+                "noise of an uncompressed run clipped at C (docs/codec.md, federated).", a.max_update_norm, k, d,
+                math.sqrt(k / d), math.sqrt(k / d))
 
     # ---- one round ----------------------------------------------------------------------------------------
     def _local_update(self, party_id: int, round_index: int) -> torch.Tensor:
