@@ -30,31 +30,25 @@ import torch
 
 from ..codec.codec import GradientCodec
 from ..codec.layout import LoraLayout
-from ..codec.loading import load_codec
-from ..codec.subspace import SubspaceCodec
 from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
-from ..privacy.accounting import PrivacyBudgetError, compute_epsilon
 from ..privacy.ledger import PrivacyLedger
-from ..codec.statistics import PARTS, _part_sizes
-from .accounting import (account_codec_prior, accounting_rate, aggregation_report, client_level_ledger, is_local, public_history,
-                         server_view_bound, server_view_epsilon, trust_report)
+from .accounting import aggregation_report, client_level_ledger, public_history, server_view_bound, server_view_epsilon, trust_report
 from .arguments import FederatedArguments
+from .checkpoint import CODEC_DIR, FederationCheckpointMixin
 from .partition import partition_indices
-from .party import Party, PartyMessage, _model_inputs, log_party_failure, statistics_message
+from .party import Party, PartyMessage, _model_inputs, log_party_failure
 from .server import FederatedServer, aggregate_sensitivity, derive_seed, party_round_randomness
+from .stage1 import FederatedStage1Mixin
 from .server_optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "federation_state.json"
-ADAPTER_NAME = "global_adapter.safetensors"
-CODEC_DIR = "codec"
 HISTORY_NAME = "federated_history.json"
 REPORT_NAME = "privacy_report.json"
 
 
-class FederatedSimulation:
+class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
     """Federated DP LoRA fine-tuning of ``model`` over parties holding parts of ``train_dataset``.
 
     Args:
@@ -146,86 +140,6 @@ class FederatedSimulation:
                                       noise_shares=a.noise_shares)
         self._log_privacy_parameters()
         self._ready = True
-
-    def _resolve_codec(self) -> None:
-        spec = self.codec_spec
-        if spec is None:
-            return
-        if isinstance(spec, (GradientCodec, SubspaceCodec)):
-            self.codec = spec
-        elif spec == "subspace":  # a public seed and released updates only: no stage 1, no privacy cost
-            # unbiased outside the history: the server applies the decoded update at its learning rate (a projection
-            # on k of d directions would keep k/d of it; measured in docs/codec.md)
-            self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed, scale="unbiased")
-        elif spec == "auto":
-            if self.args.stats_rounds < 1:
-                raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
-            self._run_statistics_rounds()
-            return
-        elif isinstance(spec, str):
-            self.codec = load_codec(spec, self.model)
-        else:
-            raise TypeError(f"codec must be a GradientCodec or SubspaceCodec, a folder or Hub id, 'auto', 'subspace' or "
-                            f"None; got {type(spec).__name__}")
-        self.codec.check_layout(self.model)
-        account_codec_prior(self.ledger, self.codec, local=is_local(self.args))
-
-    def _run_statistics_rounds(self) -> None:
-        """Stage 1 from the parties: each sampled party releases noised statistics of its clipped update
-        (locally); the server aggregates them and builds the prior. One accountant step (z, q) per round."""
-        from ..codec.priors import build_prior
-
-        a = self.args
-        z = a.stats_noise_multiplier if self.dp_enabled else 0.0
-        rate = accounting_rate(a)
-        if self.dp_enabled and a.target_epsilon is not None:
-            spent = compute_epsilon([(z, rate, a.stats_rounds)], a.delta, a.accountant)
-            if spent >= a.target_epsilon:
-                raise PrivacyBudgetError(
-                    f"the {a.stats_rounds} stage-1 statistics rounds alone would spend epsilon={spent:.3f} >= "
-                    f"target_epsilon={a.target_epsilon}: raise stats_noise_multiplier or lower stats_rounds"
-                )
-        stats_server = FederatedServer(self.layout, a.num_parties, a.sample_rate, a.max_update_norm, z, None,
-                                       self.sampling_seed, a.noise_seed)
-        per_round = []
-        for t in range(a.stats_rounds):
-            index = -(t + 1)
-            sampled = stats_server.sample_parties(index)
-            if self.dp_enabled:
-                self.ledger.accountant.step(z, rate)  # counted before anything is released
-            messages, failed = [], []
-            for pid in sampled:
-                try:
-                    update = self._local_update(pid, index)
-                    seed = derive_seed(a.noise_seed, 3, index, pid)
-                    payload = statistics_message(update, self.layout, a.max_update_norm, z, seed)
-                    messages.append(PartyMessage(pid, payload, "statistics"))
-                except Exception as e:  # noqa: BLE001 - a failing party is left out, whatever it raised
-                    failed.append(pid)
-                    code = log_party_failure(pid, f"stage-1 round {t + 1}", e)  # the full text: the party's log only
-                    logger.warning("stage-1 round %d: party %d is left out (%s)", t + 1, pid, code)
-            for m in messages:
-                self.stats_participation[m.party_id] += 1
-            per_round.append(messages)
-            record = {"stage": "statistics", "round": t + 1, "parties": sampled, "received": [m.party_id for m in messages],
-                      "failed": failed, "num_received": len(messages),
-                      "uplink_bytes": sum(m.num_bytes for m in messages),
-                      "uplink_bytes_per_party": 4 * sum(_part_sizes(self.layout)[p] for p in PARTS),
-                      **self.ledger.metrics(), "noise_multiplier": z}
-            self.history.append(record)
-        self._statistics = stats_server.aggregate_statistics(per_round, z)
-        self._prior = build_prior(self._statistics, a.codec_prior, expected_batch_size=self.expected_parties)
-
-    def _pretrain_codec(self) -> None:
-        from ..codec.pretrain import pretrain_codec
-
-        sigma = self.ledger.noise_multiplier if self.dp_enabled else 0.0
-        a = self.args
-        # the noise the server decodes at: that of R / sqrt(m q N) (FederatedServer.decode_noise_std)
-        noise = sigma * aggregate_sensitivity(a.noise_shares) * a.max_update_norm / math.sqrt(a.noise_shares * self.expected_parties)
-        # lora_rank=0: the low-rank part's encoder is not linear, and latents are summed across parties
-        self.codec = pretrain_codec(self._prior, self.args.codec_latent_ratio, noise_std=noise if noise > 0 else None,
-                                    lora_rank=0, seed=self.args.seed, progress=False)
 
     def _log_privacy_parameters(self) -> None:
         a = self.args
@@ -430,72 +344,6 @@ class FederatedSimulation:
         return report
 
     # ---- saving and resuming ------------------------------------------------------------------------------
-    def _fingerprint(self) -> dict:
-        a = self.args
-        return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
-                "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
-                "codec": self.codec is not None, "noise_calibration": a.noise_calibration, "noise_shares": a.noise_shares,
-                **self.server_optimizer.describe()}
-
-    def save_state(self, folder: str) -> None:
-        """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
-        from safetensors.torch import save_file
-
-        os.makedirs(folder, exist_ok=True)
-        save_file({"global": self._global_flat().contiguous(), **self.server_optimizer.state_tensors()},
-                  os.path.join(folder, ADAPTER_NAME))
-        if self.codec is not None:
-            self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))
-        state = {
-            # no sampling seed: with it, anyone holding the state could recompute who took part in every round
-            "round": self.round, "ledger": self.ledger.state_dict(),
-            "noise_seed": self.args.noise_seed, "participation": self.participation.tolist(),
-            "stats_participation": self.stats_participation.tolist(), "history": self.history,
-            "fingerprint": self._fingerprint(), "report": self.ledger.report(),
-        }
-        with open(os.path.join(folder, STATE_NAME), "w") as f:
-            json.dump(state, f, indent=2)
-
-    def _load_state(self, folder: str) -> None:
-        from safetensors.torch import load_file
-
-        path = os.path.join(folder, STATE_NAME)
-        if not os.path.isfile(path):
-            raise PrivacyBudgetError(f"{folder} has no {STATE_NAME}: the privacy spent before it is unknown; resume from a "
-                                     "folder written by FederatedSimulation.save_state")
-        with open(path) as f:
-            state = json.load(f)
-        has_codec = os.path.isdir(os.path.join(folder, CODEC_DIR))
-        if has_codec != (self.codec_spec is not None):
-            raise ValueError(f"the saved federation {'has' if has_codec else 'has no'} codec but this run asks for "
-                             f"codec={self.codec_spec!r}: resume with the same codec setting")
-        if has_codec:
-            self.codec = load_codec(os.path.join(folder, CODEC_DIR), self.model)
-        mine, saved = self._fingerprint(), state["fingerprint"]
-        # states written before these options existed
-        saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, "noise_shares": 1,
-                 **saved}
-        if "server_learning_rate" not in saved:
-            saved["server_learning_rate"] = mine["server_learning_rate"]
-        diff = [k for k in mine if mine[k] != saved.get(k)]
-        if diff:
-            raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
-                             "sampling rate, clipping norm, noise calibration and shares, server optimizer, model and LoRA "
-                             "configuration")
-        self.ledger.load_state_dict(state["ledger"])
-        self.round = int(state["round"])
-        # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
-        if state.get("noise_seed") != self.args.noise_seed:
-            logger.warning("resuming with noise_seed=%s (the state was written with %s)", self.args.noise_seed, state.get("noise_seed"))
-        self.participation = np.asarray(state["participation"], dtype=np.int64)
-        self.stats_participation = np.asarray(state["stats_participation"], dtype=np.int64)
-        self.history = list(state["history"])
-        tensors = load_file(os.path.join(folder, ADAPTER_NAME))
-        self._set_global(tensors["global"])
-        self.server_optimizer.load_state_tensors(tensors, self.layout.dim)
-        logger.warning("resumed the federation from %s at round %d (epsilon spent %.4g)", folder, self.round,
-                       self.ledger.metrics()["epsilon"])
-
     def public_history(self) -> list[dict]:
         """The history without who took part in each round and how many (see ``SERVER_ONLY_KEYS``)."""
         return public_history(self.history)
