@@ -7,6 +7,7 @@
     python benchmarks/federated_defaults.py --only NAME ...    # some rows of a plan (names: the table's first column)
     python benchmarks/federated_defaults.py --table            # print the table of what was measured
     python benchmarks/federated_defaults.py --markdown         # the test rows grouped over seeds (docs/federated.md)
+    python benchmarks/federated_defaults.py --markdown --split tune   # the held-out rows so (docs/codec.md, federated)
 
 Every row is 100 parties (``--plan population``: 1,000), a Dirichlet(0.5) split of the train rows by label
 (``partition_seed`` = the row's seed), Poisson party sampling at ~10 per round, and the model of the
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -63,6 +65,15 @@ POPULATION_FINAL = dict(POPULATION, lora_r=2, rounds=40)
 
 def _row(name, **kw):
     return dict(BASE, name=name, **kw)
+
+
+def _codec_row(d: int, tag: str = "", seed: int = 0, **options):
+    """The population tune row (LoRA r 2, 20 rounds) with the subspace codec at 1/d: unbiased decoder, latent clip
+    C sqrt(1/d) with C = 1."""
+    clip = (1 / d) ** 0.5
+    return _row(f"population-tune-r2-r20-subspace-1/{d}-unbiased-c{clip:g}{tag}", split="tune", seed=seed, codec="subspace",
+                codec_ratio=1 / d, codec_options=dict(scale="unbiased", **options), parallel_parties=30,
+                **dict(POPULATION, lora_r=2, clip=clip))
 
 
 PLANS = {
@@ -110,18 +121,10 @@ PLANS = {
         # server lr, a projection on 1/16 of the directions keeps 1/16 of it) and the latent clipped at C sqrt(k/d)
         # (the latent of an update has about sqrt(k/d) of its norm), so that the noise of the decoded update is that
         # of the uncompressed run; history=0 is a fresh random projection every round (the baseline at equal bytes)
-        *[_row(f"population-tune-r2-r20-subspace-1/16-unbiased-c0.25{tag}", split="tune", codec="subspace",
-               codec_ratio=1 / 16, codec_options=dict(scale="unbiased", **opts), parallel_parties=30,
-               **dict(POPULATION, lora_r=2, clip=0.25)) for tag, opts in (("", {}), ("-history0", dict(history=0)))],
-        *[_row(f"population-tune-r2-r20-subspace-1/4-unbiased-c0.5{tag}", split="tune", codec="subspace",
-               codec_ratio=1 / 4, codec_options=dict(scale="unbiased", **opts), parallel_parties=30,
-               **dict(POPULATION, lora_r=2, clip=0.5)) for tag, opts in (("", {}), ("-history0", dict(history=0)))],
+        *[_codec_row(d, tag, **opts) for d in (16, 4) for tag, opts in (("", {}), ("-history0", dict(history=0)))],
         # seeds 1 and 2 of the 1/4 comparison: no codec, and the subspace codec
-        *[r for s in (1, 2) for r in (
-            _row(f"population-tune-slr5-r2-s{s}", split="tune", seed=s, **dict(POPULATION, lora_r=2)),
-            _row(f"population-tune-r2-r20-subspace-1/4-unbiased-c0.5-s{s}", split="tune", seed=s, codec="subspace",
-                 codec_ratio=1 / 4, codec_options=dict(scale="unbiased"), parallel_parties=30,
-                 **dict(POPULATION, lora_r=2, clip=0.5)))],
+        *[r for s in (1, 2) for r in (_row(f"population-tune-slr5-r2-s{s}", split="tune", seed=s, **dict(POPULATION, lora_r=2)),
+                                      _codec_row(4, f"-s{s}", seed=s))],
     ],
 }
 
@@ -249,23 +252,27 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows) -> str:
-    """The rows of the test split grouped over seeds: mean accuracy and macro-F1 at the last round, and each seed's."""
+def markdown(rows, split: str = "test") -> str:
+    """The rows of one split grouped over seeds (a trailing ``-sN`` in the name): mean accuracy and macro-F1 at the
+    last round, mean accuracy at round 10, bytes per party per round, and each seed's figures."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r["split"] == "test":
-            groups.setdefault(r["name"].rsplit("-s", 1)[0], []).append(r)
-    lines = ["| row | local | server | ε | rounds | seeds | accuracy | macro-F1 | per seed (accuracy / macro-F1) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+        if r["split"] == split:
+            groups.setdefault(re.sub(r"-s\d+$", "", r["name"]), []).append(r)
+    lines = ["| row | local | server | ε | rounds | seeds | accuracy | macro-F1 | accuracy @10 | bytes/party | "
+             "per seed (accuracy / macro-F1) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         r = rs[0]
         acc = sum(x["accuracy"] for x in rs) / len(rs)
         f1 = sum(x["macro_f1"] for x in rs) / len(rs)
         each = ", ".join(f"{x['accuracy']:.3f} / {x['macro_f1']:.3f}" for x in sorted(rs, key=lambda x: x["seed"]))
+        at10 = [(x["by_round"].get("10") or x["by_round"].get(10) or {}).get("accuracy") for x in rs]
+        acc10 = "-" if None in at10 or r["rounds_run"] <= 10 else f"{sum(at10) / len(at10):.3f}"
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(f"| {name} | {r['local_optimizer']} lr {r['local_lr']:g}, {r['local_steps']} steps of "
                      f"{r['local_batch']} | {r['server_optimizer']} lr {r['server_lr']:g} | {eps} | {r['rounds_run']} | "
-                     f"{len(rs)} | {acc:.3f} | {f1:.3f} | {each} |")
+                     f"{len(rs)} | {acc:.3f} | {f1:.3f} | {acc10} | {r.get('uplink_bytes_per_party', '-')} | {each} |")
     return "\n".join(lines)
 
 
@@ -279,11 +286,12 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="Row names of the plan to run (default: all).")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--table", action="store_true", help="Only print the table of the rows measured.")
-    p.add_argument("--markdown", action="store_true", help="Only print the test rows grouped over seeds, as markdown.")
+    p.add_argument("--markdown", action="store_true", help="Only print the rows of --split grouped over seeds, as markdown.")
+    p.add_argument("--split", default="test", choices=["test", "tune"], help="The split --markdown groups (default: test).")
     a = p.parse_args(argv)
     rows = load(a.out)
     if a.markdown:
-        print(markdown(rows))
+        print(markdown(rows, a.split))
         return
     if not a.table:
         for spec in PLANS[a.plan]:

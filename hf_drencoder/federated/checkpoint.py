@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ..callbacks import CODEC_DIR  # the codec's folder, as in a DRTrainer checkpoint
 from ..codec.loading import load_codec
 from ..privacy.accounting import PrivacyBudgetError
 
@@ -17,7 +18,6 @@ logger = logging.getLogger("hf_drencoder.federated.simulation")  # the server's 
 
 STATE_NAME = "federation_state.json"
 ADAPTER_NAME = "global_adapter.safetensors"
-CODEC_DIR = "codec"
 
 
 class FederationCheckpointMixin:

@@ -155,11 +155,11 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
         )
         if self.codec is not None and getattr(self.codec, "clips_in_latent", False):
             k, d = self.codec.latent_dim, self.layout.dim
+            shrink = math.sqrt(k / d)
             logger.warning(
                 "FederatedSimulation: max_update_norm=%g bounds each party's latent (%d of %d values), and the noise scales "
                 "with it. A latent keeps about sqrt(k/d) = %.3g of its update's norm: max_update_norm = C x %.3g gives the "
-                "noise of an uncompressed run clipped at C (docs/codec.md, federated).", a.max_update_norm, k, d,
-                math.sqrt(k / d), math.sqrt(k / d))
+                "noise of an uncompressed run clipped at C (docs/codec.md, federated).", a.max_update_norm, k, d, shrink, shrink)
 
     # ---- one round ----------------------------------------------------------------------------------------
     def _local_update(self, party_id: int, round_index: int) -> torch.Tensor:
