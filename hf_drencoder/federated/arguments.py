@@ -103,6 +103,7 @@ class FederatedArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for the default LoRA config."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout for the default LoRA config."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt for the default LoRA config."})
+    lora_freeze_a: bool = field(default=False, metadata={"help": "FFA-LoRA: the LoRA A factors stay at their initialisation (the same for every party: the simulation's one model); only B and the head are trained, clipped, noised and sent. Saved with the federation state and the adapter. FederatedSimulation only (refused on Flower)."})
 
     def __post_init__(self):
         self.validate()

@@ -9,6 +9,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 
 from ..callbacks import CODEC_DIR  # the codec's folder, as in a DRTrainer checkpoint
 from ..codec.loading import load_codec
@@ -18,6 +19,7 @@ logger = logging.getLogger("hf_drencoder.federated.simulation")  # the server's 
 
 STATE_NAME = "federation_state.json"
 ADAPTER_NAME = "global_adapter.safetensors"
+FROZEN_PREFIX = "frozen."  # FFA-LoRA's frozen A factors, saved next to the global adapter
 
 
 class FederationCheckpointMixin:
@@ -28,14 +30,22 @@ class FederationCheckpointMixin:
         return {"num_parties": a.num_parties, "sample_rate": a.sample_rate, "max_update_norm": a.max_update_norm,
                 "partition_sizes": self.partition_sizes, "layout": self.layout.fingerprint, "disable_dp": a.disable_dp,
                 "codec": self.codec is not None, "noise_calibration": a.noise_calibration, "noise_shares": a.noise_shares,
-                **self.server_optimizer.describe()}
+                "lora_freeze_a": a.lora_freeze_a, **self.server_optimizer.describe()}
+
+    def _frozen_factors(self) -> dict:
+        """The frozen LoRA A factors of FFA-LoRA (``lora_freeze_a``), by parameter name: not part of the global
+        adapter's flat vector, but B was trained against them, so a resumed run must use these exact tensors."""
+        if not self.args.lora_freeze_a:
+            return {}
+        return {n: p for n, p in self.model.named_parameters() if not p.requires_grad and "lora_" in n}
 
     def save_state(self, folder: str) -> None:
         """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        save_file({"global": self._global_flat().contiguous(), **self.server_optimizer.state_tensors()},
+        frozen = {FROZEN_PREFIX + n: p.detach().cpu().contiguous() for n, p in self._frozen_factors().items()}
+        save_file({"global": self._global_flat().contiguous(), **self.server_optimizer.state_tensors(), **frozen},
                   os.path.join(folder, ADAPTER_NAME))
         if self.codec is not None:
             self.codec.save_pretrained(os.path.join(folder, CODEC_DIR))
@@ -67,14 +77,20 @@ class FederationCheckpointMixin:
         mine, saved = self._fingerprint(), state["fingerprint"]
         # states written before these options existed
         saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, "noise_shares": 1,
-                 **saved}
+                 "lora_freeze_a": False, **saved}
         if "server_learning_rate" not in saved:
             saved["server_learning_rate"] = mine["server_learning_rate"]
         diff = [k for k in mine if mine[k] != saved.get(k)]
         if diff:
             raise ValueError(f"the saved federation differs from this run in {diff}: resume with the same parties, "
                              "sampling rate, clipping norm, noise calibration and shares, server optimizer, model and LoRA "
-                             "configuration")
+                             "configuration (lora_freeze_a included)")
+        tensors = load_file(os.path.join(folder, ADAPTER_NAME))
+        frozen = self._frozen_factors()
+        missing = [n for n in frozen if FROZEN_PREFIX + n not in tensors]
+        if missing:
+            raise ValueError(f"the saved federation has no frozen LoRA A factor {missing[0]}: it cannot be resumed with "
+                             "lora_freeze_a=True")
         self.ledger.load_state_dict(state["ledger"])
         self.round = int(state["round"])
         # a resumed run samples its remaining rounds from a fresh secret seed (or args.sampling_seed)
@@ -83,7 +99,9 @@ class FederationCheckpointMixin:
         self.participation = np.asarray(state["participation"], dtype=np.int64)
         self.stats_participation = np.asarray(state["stats_participation"], dtype=np.int64)
         self.history = list(state["history"])
-        tensors = load_file(os.path.join(folder, ADAPTER_NAME))
+        with torch.no_grad():  # the A that B was trained against, whatever this run's model was initialised with
+            for n, p in frozen.items():
+                p.copy_(tensors[FROZEN_PREFIX + n].to(device=p.device, dtype=p.dtype))
         self._set_global(tensors["global"])
         self.server_optimizer.load_state_tensors(tensors, self.layout.dim)
         logger.warning("resumed the federation from %s at round %d (epsilon spent %.4g)", folder, self.round,

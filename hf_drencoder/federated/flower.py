@@ -40,8 +40,8 @@ from ..privacy.accounting import PrivacyBudgetError
 from .accounting import (SERVER_ONLY_KEYS, account_codec_prior, aggregation_report, client_level_ledger, is_local, public_history,
                          server_view_bound, server_view_epsilon, trust_report)
 from .arguments import FederatedArguments
-from .flower_common import (GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PARTY_META, ROUND_CONFIG, _flat,
-                            _load_codec, federated_args_from_config, logger)
+from .flower_common import (FREEZE_A_ON_FLOWER, GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PARTY_META,
+                            ROUND_CONFIG, _flat, _load_codec, federated_args_from_config, logger)
 from .flower_party import FlowerParty
 from .party import PARTY_CODES, PartyMessage
 from .server import FederatedServer
@@ -78,6 +78,8 @@ class ClientLevelDPStrategy(Strategy):
                  wait_for_parties_s: float = 600.0):
         if args.codec == "auto" or codec == "auto":
             _load_codec("auto", None)
+        if args.lora_freeze_a:
+            raise ValueError(FREEZE_A_ON_FLOWER)
         self.args = args
         self.layout = layout
         self.codec = codec

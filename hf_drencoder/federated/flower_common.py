@@ -74,6 +74,20 @@ def _lora_defaults(run_config: Mapping | None) -> dict:
             "target_modules": out["lora_target_modules"]}
 
 
+FREEZE_A_ON_FLOWER = (
+    "lora_freeze_a is not available on Flower: each party builds its own model, so each would freeze a different "
+    "random A while the server averages B as if they were one. Run FFA-LoRA in FederatedSimulation, or unset "
+    "lora_freeze_a (lora-freeze-a in the run config)"
+)
+
+
+def _refuse_freeze_a(run_config: Mapping | None) -> None:
+    """FFA-LoRA needs every party's frozen A to be the same tensor, which separate Flower processes do not share."""
+    for key, value in dict(run_config or {}).items():
+        if str(key).replace("-", "_") == "lora_freeze_a" and _convert(value, "bool"):
+            raise ValueError(FREEZE_A_ON_FLOWER)
+
+
 def _load_codec(spec, model):
     """A ready codec (object, folder or Hub id), or None. ``'auto'`` (stage 1 from the parties) is refused:
     its statistics rounds are not implemented on Flower."""

@@ -20,7 +20,7 @@ from ..lora import trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task
 from ..privacy.accounting import PrivacyBudgetError
 from .flower_common import (GLOBAL_ADAPTER, MESSAGE_SEED_KEYS, PARTY_MESSAGE, PARTY_META, ROUND_CONFIG, _flat,
-                            _load_codec, _lora_defaults)
+                            _load_codec, _lora_defaults, _refuse_freeze_a)
 from .party import PARTY_ERROR, PARTY_REFUSED, Party, PartyMessage, log_party_failure
 from .server import party_round_randomness
 
@@ -84,6 +84,7 @@ class FlowerParty:
             return self._state
         from transformers import default_data_collator
 
+        _refuse_freeze_a(context.run_config)
         model = wrap_with_lora(self.model_fn(context), self.peft_config, **_lora_defaults(context.run_config))
         params = [p for _, p in trainable_adapter_parameters(model)]
         data = self.data_fn(partition_id, num_partitions, context)

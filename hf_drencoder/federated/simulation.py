@@ -30,7 +30,7 @@ import torch
 
 from ..codec.codec import GradientCodec
 from ..codec.layout import LoraLayout
-from ..lora import trainable_adapter_parameters, wrap_with_lora
+from ..lora import freeze_lora_a, trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.ledger import PrivacyLedger
 from .accounting import aggregation_report, client_level_ledger, public_history, server_view_bound, server_view_epsilon, trust_report
@@ -73,6 +73,9 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
         self.args = args
         self.model = wrap_with_lora(model, peft_config, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                     target_modules=args.lora_target_modules)
+        if args.lora_freeze_a:
+            # FFA-LoRA: the simulation's one model serves every party, so every party trains B against the same A
+            freeze_lora_a(self.model)
         # only adapter tensors may train: anything else would change without being clipped or noised
         self.params = [p for _, p in trainable_adapter_parameters(self.model)]
         self.layout = LoraLayout.from_model(self.model)
@@ -148,10 +151,12 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
             return
         logger.warning(
             "FederatedSimulation: client-level DP (unit=party), parties=%d, expected per round=%.4g, q=%.5g, noise_multiplier=%.4g, "
-            "max_update_norm=%g, delta=%.3g, accountant=%s, target_epsilon=%s, rounds=%d, codec=%s, budget lasts %s releases.",
+            "max_update_norm=%g, delta=%.3g, accountant=%s, target_epsilon=%s, rounds=%d, codec=%s, budget lasts %s releases; "
+            "released dimension=%d%s.",
             a.num_parties, self.expected_parties, a.sample_rate, self.ledger.noise_multiplier, a.max_update_norm, a.delta,
             a.accountant, a.target_epsilon, a.num_rounds, "none" if self.codec is None else f"{self.codec.latent_dim} values",
-            self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
+            self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded", self.layout.dim,
+            " (lora_freeze_a: LoRA A frozen at its initialisation, only B and the head sent)" if a.lora_freeze_a else "",
         )
         if self.codec is not None and getattr(self.codec, "clips_in_latent", False):
             k, d = self.codec.latent_dim, self.layout.dim
