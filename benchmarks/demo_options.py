@@ -1,6 +1,7 @@
 """Training options against the demo's baseline: FFA-LoRA, automatic clipping, DP-AdamBC, each alone.
 
     python benchmarks/demo_options.py tune --options ffa --lrs 2e-2 5e-2   # held-out 15% of R8 train, one seed
+    python benchmarks/demo_options.py tune --options ffa --lrs 1e-1 --tune_seeds 0 1 2   # the same, three seeds
     python benchmarks/demo_options.py test --options ffa --lr 5e-2         # the R8 test split, seeds 0 1 2
     python benchmarks/demo_options.py table                                # print the table of what is recorded
 
@@ -9,6 +10,7 @@ expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with on
 
 - ``baseline``: the demo's configuration before these options (A trained, flat clipping, AdamW, lr 2e-2);
 - ``ffa``: ``lora_freeze_a=True`` (FFA-LoRA: A frozen at its initialisation, B and the head trained and released);
+- ``ffa-linear``: FFA-LoRA with the learning rate decaying linearly from ``lr`` to 0 over the 20 steps;
 - ``automatic``: ``clipping="automatic"`` (each per-example gradient scaled by C / (norm + 0.01));
 - ``adambc``: ``dp_adam_bias_correction=True`` (DP-AdamBC, gamma' 1e-8).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import statistics
@@ -33,6 +36,7 @@ RESULTS = os.path.join(HERE, "results", "demo_options.json")
 OPTIONS = {
     "baseline": {"lora_freeze_a": False},  # explicit: whatever the demo's defaults become
     "ffa": {"lora_freeze_a": True},
+    "ffa-linear": {"lora_freeze_a": True, "lr_scheduler_type": "linear"},
     "automatic": {"clipping": "automatic"},
     "adambc": {"dp_adam_bias_correction": True},
 }
@@ -56,7 +60,7 @@ def add_row(row: dict, path: str = RESULTS) -> None:
             json.dump(data, f, indent=2)
 
 
-def tune(options: list[str], lrs: list[float], path: str) -> None:
+def tune(options: list[str], lrs: list[float], path: str, seeds: list[int] = (0,)) -> None:
     sys.path.insert(0, HERE)
     from demo_recipe import run_one
 
@@ -67,14 +71,13 @@ def tune(options: list[str], lrs: list[float], path: str) -> None:
     train = load_reuters("r8")["train"]
     splits = train.train_test_split(test_size=0.15, seed=1234)  # "test" here is the held-out 15% of TRAIN
     hp = suggest_hyperparameters(len(train), 8.0)
-    for name in options:
-        for lr in lrs:
-            r = run_one(splits, minilm_path(), DEMO_MAX_LENGTH, len(DEMO_LORA_LAYERS), lr, hp, 8.0, None, clip=0.1,
-                        options=OPTIONS[name])
-            r.update(stage="tune", option=name)
-            add_row(r, path)
-            print(f"tune {name} lr {lr:g}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
-                  f"epsilon {r['epsilon']:.3f} ({r['train_s']:.0f} s)", flush=True)
+    for name, lr, seed in itertools.product(options, lrs, seeds):
+        r = run_one(splits, minilm_path(), DEMO_MAX_LENGTH, len(DEMO_LORA_LAYERS), lr, hp, 8.0, None, clip=0.1,
+                    options=OPTIONS[name], seed=seed)
+        r.update(stage="tune", option=name)
+        add_row(r, path)
+        print(f"tune {name} lr {lr:g} seed {seed}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
+              f"epsilon {r['epsilon']:.3f} ({r['train_s']:.0f} s)", flush=True)
 
 
 def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> None:
@@ -97,15 +100,16 @@ def table(path: str) -> None:
     for r in sorted(rows, key=lambda r: (r["stage"], r["option"], r["lr"], r.get("seed", 0))):
         print(f"{r['stage']:<6} {r['option']:<10} {r['lr']:>6g} {r.get('seed', 0):>4} {r['accuracy']:>8.4f} "
               f"{r['macro_f1']:>8.4f} {r['epsilon']:>7.3f} {r.get('wall_s', r.get('train_s', 0)):>5.0f}")
-    print("\ntest split, mean (min-max) over seeds:")
-    groups: dict = {}
-    for r in rows:
-        if r["stage"] == "test":
-            groups.setdefault((r["option"], r["lr"]), []).append(r)
-    for (name, lr), rs in sorted(groups.items()):
-        acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
-        print(f"  {name:<10} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
-              f"{max(acc):.4f})  macro-F1 {statistics.mean(f1):.4f} ({min(f1):.4f}-{max(f1):.4f})")
+    for stage, title in (("tune", "held-out 15% of train"), ("test", "test split")):
+        print(f"\n{title}, mean (min-max) over seeds:")
+        groups: dict = {}
+        for r in rows:
+            if r["stage"] == stage:
+                groups.setdefault((r["option"], r["lr"]), []).append(r)
+        for (name, lr), rs in sorted(groups.items()):
+            acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
+            print(f"  {name:<10} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
+                  f"{max(acc):.4f})  macro-F1 {statistics.mean(f1):.4f} ({min(f1):.4f}-{max(f1):.4f})")
 
 
 def main() -> None:
@@ -114,11 +118,13 @@ def main() -> None:
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-2, 5e-2], help="tune: the learning-rate grid")
     p.add_argument("--lr", type=float, default=2e-2, help="test: the learning rate")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="test: the seeds")
+    p.add_argument("--tune_seeds", type=int, nargs="+", default=[0],
+                   help="tune: seeds (seed = data_seed = noise_seed) of the held-out runs")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     if a.stage == "tune":
-        tune(a.options, a.lrs, a.out)
+        tune(a.options, a.lrs, a.out, a.tune_seeds)
     elif a.stage == "test":
         test(a.options, a.lr, a.seeds, a.out)
     table(a.out)

@@ -36,9 +36,10 @@ def lora_modules(top_layers: int, num_layers: int = 6) -> list[str]:
 
 
 def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsilon, max_eval, clip=1.0,
-            options: dict | None = None) -> dict:
+            options: dict | None = None, seed: int = 0) -> dict:
     """One configuration trained on the 85% and scored on the held-out 15%; ``options`` are further
-    DRTrainingArguments fields (e.g. ``lora_freeze_a=True``)."""
+    DRTrainingArguments fields (e.g. ``lora_freeze_a=True``, or ``lr_scheduler_type`` over the recipe's) and
+    ``seed`` sets ``seed = data_seed = noise_seed`` (the Poisson batches and the noise draws)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_drencoder import DRTrainer, DRTrainingArguments
@@ -52,12 +53,13 @@ def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsil
         tokenizer_path, num_labels=splits["train"].features["label"].num_classes)
     fields = {k: v for k, v in hp.items() if k != "noise_multiplier"}
     fields["learning_rate"] = lr
+    fields.update(options or {})
     with tempfile.TemporaryDirectory() as out:
         args = DRTrainingArguments(
-            output_dir=out, target_epsilon=target_epsilon, per_sample_max_grad_norm=clip, seed=0, data_seed=0,
-            noise_seed=0, logging_steps=5, save_strategy="no", eval_strategy="no", per_device_eval_batch_size=128,
+            output_dir=out, target_epsilon=target_epsilon, per_sample_max_grad_norm=clip, seed=seed, data_seed=seed,
+            noise_seed=seed, logging_steps=5, save_strategy="no", eval_strategy="no", per_device_eval_batch_size=128,
             report_to="none", disable_tqdm=True, default_lora_r=8, default_lora_alpha=16,
-            default_lora_target_modules=lora_modules(top_layers), **fields, **(options or {}))
+            default_lora_target_modules=lora_modules(top_layers), **fields)
         trainer = DRTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=held,
                             processing_class=tokenizer, compute_metrics=classification_compute_metrics())
         start = time.perf_counter()
@@ -67,7 +69,7 @@ def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsil
         report = trainer.privacy_report()
     return dict(split="heldout", max_length=max_length, top_layers=top_layers, lr=lr, clip=clip,
                 expected_batch=hp["per_device_train_batch_size"], steps=trainer.state.global_step,
-                max_physical_batch_size=hp["max_physical_batch_size"], lr_scheduler_type=hp["lr_scheduler_type"],
+                max_physical_batch_size=hp["max_physical_batch_size"], lr_scheduler_type=fields["lr_scheduler_type"], seed=seed,
                 train_examples=len(data["train"]), heldout_examples=len(held),
                 accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"], eval_loss=metrics["eval_loss"],
                 epsilon=report["epsilon"], noise_multiplier=report["noise_multiplier"], target_epsilon=target_epsilon,
