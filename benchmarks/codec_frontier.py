@@ -274,6 +274,9 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _plotting import label_axes
+
     groups = [g for g in grouped(rows) if g["lr"] is None]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_method: dict = {}
@@ -289,20 +292,13 @@ def plot(rows: list[dict], path: str) -> None:
         ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (i // 10)],
                     capsize=3, label=method)
     ax.set_xscale("log")
-    ax.set_xlabel("uplink bytes per step (every byte, head included)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Accuracy against bytes, epsilon 8 (demo configuration)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
-    ax.grid(alpha=0.3)
+    label_axes(ax, "uplink bytes per step (every byte, head included)", "held-out accuracy",
+               "Accuracy against bytes, epsilon 8 (demo configuration)", ncol=2, loc="upper left")
     for g in groups:
         if g["method"] in ("dp-lora", "subspace", "top-k", "random-projection", "powersgd", "codec") and g["cosine_per_step"]:
             ratio = "" if g["ratio"] is None else f" 1/{round(1 / g['ratio'])}"
             bx.plot(range(1, len(g["cosine_per_step"]) + 1), g["cosine_per_step"], label=g["method"] + ratio)
-    bx.set_xlabel("step")
-    bx.set_ylabel("cosine(decoded, clean aggregate), LoRA part")
-    bx.set_title("Per-step diagnostic (mean over seeds)")
-    bx.legend(fontsize=7)
-    bx.grid(alpha=0.3)
+    label_axes(bx, "step", "cosine(decoded, clean aggregate), LoRA part", "Per-step diagnostic (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
