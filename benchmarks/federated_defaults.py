@@ -140,6 +140,8 @@ PLANS = {
                                       _codec_row(4, f"-s{s}", seed=s))],
         # seeds 1 and 2 of the 1/16 comparison: the subspace codec and the random projection (history 0)
         *[r for s in (1, 2) for r in (_codec_row(16, f"-s{s}", seed=s), _codec_row(16, f"-history0-s{s}", seed=s, history=0))],
+        # seeds 1 and 2 of the random projection at 1/4 (the federated default since the 1/16 seeds)
+        *[_codec_row(4, f"-history0-s{s}", seed=s, history=0) for s in (1, 2)],
     ],
 }
 

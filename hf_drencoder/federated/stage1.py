@@ -35,8 +35,8 @@ class FederatedStage1Mixin:
         elif spec == "subspace":  # a public seed and released updates only: no stage 1, no privacy cost
             # unbiased: the server applies the decoded update at its learning rate (a projection on k of d directions
             # would keep k/d of it). No history: in the population benchmark a fresh shared-seed projection every
-            # round beat the subspace of released updates at 1/16 (0.744 against 0.707, 3 seeds) and tied it at 1/4,
-            # as those updates are mostly noise there (docs/codec.md). A SubspaceCodec object sets its own.
+            # round beat the subspace of released updates at 1/16 (0.744 against 0.707, 3 seeds) and tied it at 1/4
+            # (0.783, 0.781), as those updates are mostly noise there (docs/codec.md). A SubspaceCodec object sets its own.
             self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed,
                                                  scale="unbiased", history=FEDERATED_SUBSPACE_HISTORY)
         elif spec == "auto":
