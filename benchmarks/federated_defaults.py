@@ -107,7 +107,6 @@ PLANS = {
         _row("population-tune-slr5-r2", split="tune", **dict(POPULATION, lora_r=2)),
         _row("population-tune-slr5-r2-r40", split="tune", **dict(POPULATION, lora_r=2, rounds=40)),
         _row("population-tune-slr5-r1-r40", split="tune", **dict(POPULATION, lora_r=1, rounds=40)),
-        # the test rows: the tune row with the best held-out accuracy (LoRA r 2, 40 rounds)
         # FFA-LoRA (lora_freeze_a: A frozen, only B and the head sent) against population-tune-slr5-r2: at r 2 it sends
         # 6,152 values instead of 9,224, at r 4 the same 9,224 with twice the rank of B
         *[_row(f"population-tune-slr5-ffa-r{r}", split="tune", parallel_parties=30, ffa=True, **dict(POPULATION, lora_r=r))
@@ -121,6 +120,7 @@ PLANS = {
         # FFA wants a larger rate in central training (docs/utility.md): the same at local lr 1e-2
         _row("population-tune-slr5-ffa-r2-llr1e-2", split="tune", parallel_parties=30, ffa=True,
              **dict(POPULATION, lora_r=2, local_lr=1e-2)),
+        # the test rows: the tune row with the best held-out accuracy (LoRA r 2, 40 rounds)
         *[_row(f"population-eps8-s{s}", seed=s, **POPULATION_FINAL) for s in (0, 1, 2)],
         _row("population-eps8-shares1-s0", **dict(POPULATION_FINAL, noise_shares=1)),
         _row("population-nodp-s0", **dict(POPULATION_FINAL, epsilon=None)),
@@ -303,13 +303,18 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def seed_group(name: str) -> str:
+    """A row's name without its trailing ``-sN`` (seed): the rows of one setting over seeds share it."""
+    return re.sub(r"-s\d+$", "", name)
+
+
 def markdown(rows, split: str = "test") -> str:
     """The rows of one split grouped over seeds (a trailing ``-sN`` in the name): mean accuracy and macro-F1 at the
     last round, mean accuracy at round 10, bytes per party per round, and each seed's figures."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["split"] == split:
-            groups.setdefault(re.sub(r"-s\d+$", "", r["name"]), []).append(r)
+            groups.setdefault(seed_group(r["name"]), []).append(r)
     lines = ["| row | local | server | ε | rounds | seeds | accuracy | macro-F1 | accuracy @10 | bytes/party | "
              "cosine | per seed (accuracy / macro-F1) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -344,7 +349,7 @@ def plot_cosine(rows, path: str) -> None:
     groups: dict[str, list[list[float]]] = {}
     for r in rows:
         if r["split"] == "tune" and r.get("cosine_per_round"):
-            groups.setdefault(re.sub(r"-s\d+$", "", r["name"]), []).append(r["cosine_per_round"])
+            groups.setdefault(seed_group(r["name"]), []).append(r["cosine_per_round"])
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, runs in sorted(groups.items()):
         mean = [sum(c) / len(c) for c in zip(*runs)]

@@ -71,16 +71,21 @@ def trainable_adapter_parameters(model) -> list[tuple[str, object]]:
     return trainable
 
 
+def is_lora_a_factor(name: str) -> bool:
+    """A LoRA A factor (of a linear or an embedding layer): what FFA-LoRA freezes."""
+    return "lora_A." in name or "lora_embedding_A." in name
+
+
 def freeze_lora_a(model) -> int:
     """FFA-LoRA (Sun et al., 2024): freeze every LoRA A factor at its current value (its initialisation for a fresh
     adapter), so that only B and ``modules_to_save`` train. Returns how many tensors were frozen; refuses a model
     with none (the setting would otherwise do nothing)."""
     frozen = 0
     for name, p in model.named_parameters():
-        if ("lora_A." in name or "lora_embedding_A." in name) and p.requires_grad:
+        if is_lora_a_factor(name) and p.requires_grad:
             p.requires_grad_(False)
             frozen += 1
-    if not frozen and not any("lora_A." in n or "lora_embedding_A." in n for n, _ in model.named_parameters()):
+    if not frozen and not any(is_lora_a_factor(n) for n, _ in model.named_parameters()):
         raise ValueError("lora_freeze_a=True, but the model has no LoRA A factors to freeze: it needs a LoRA adapter "
                          "(a peft LoraConfig), or unset lora_freeze_a")
     return frozen

@@ -13,6 +13,7 @@ import torch
 
 from ..callbacks import CODEC_DIR  # the codec's folder, as in a DRTrainer checkpoint
 from ..codec.loading import load_codec
+from ..lora import is_lora_a_factor
 from ..privacy.accounting import PrivacyBudgetError
 
 logger = logging.getLogger("hf_drencoder.federated.simulation")  # the server's log, as the rest of the simulation (docs/federated.md)
@@ -37,7 +38,7 @@ class FederationCheckpointMixin:
         adapter's flat vector, but B was trained against them, so a resumed run must use these exact tensors."""
         if not self.args.lora_freeze_a:
             return {}
-        return {n: p for n, p in self.model.named_parameters() if not p.requires_grad and "lora_" in n}
+        return {n: p for n, p in self.model.named_parameters() if is_lora_a_factor(n)}
 
     def save_state(self, folder: str) -> None:
         """A resumable federation state: global adapter, accountant, round, codec, seeds, participation."""
