@@ -64,11 +64,13 @@ class PrivateStep:
         self.all_reduce = all_reduce
         self.hooks = None
         self._group_sums: list[torch.Tensor] | None = None
+        self._model: torch.nn.Module | None = None
 
     # ---- lifetime ----
 
     def attach(self, model: torch.nn.Module) -> None:
         """opacus hooks on ``model``'s submodules, not a wrapper: a ``PeftModel`` stays what saving expects."""
+        self._model = model
         if self.dp and self.hooks is None:
             self.hooks = attach_grad_sample_hooks(model)
 
@@ -87,6 +89,16 @@ class PrivateStep:
         problems = gradient_hook_problems(self.params)
         if problems:
             raise ValueError("DRTrainer cannot guarantee privacy: " + problems[0])
+        if self._model is not None:
+            released = {id(p) for p in self.params}
+            thawed = [n for n, p in self._model.named_parameters() if p.requires_grad and id(p) not in released]
+            if thawed:
+                raise RuntimeError(
+                    f"{thawed[0]} became trainable after training started (a callback, a checkpoint load?): its "
+                    "gradient would be computed raw, without clipping or noise, and an optimizer over all parameters "
+                    "would apply it. Keep the trainable parameters fixed during training (with lora_freeze_a, keep "
+                    "the LoRA A factors frozen)"
+                )
         if first_non_finite([p.detach() for p in self.params]) is not None:
             raise FloatingPointError(
                 f"the adapter is not finite after step {step - 1}: lower the learning rate, check warmup and weight "

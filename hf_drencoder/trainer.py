@@ -412,8 +412,7 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         step = self.state.global_step + 1
-        self._step.check(step)
-        self._check_a_still_frozen()
+        self._step.check(step)  # also: no parameter outside the released ones has become trainable
         loss = torch.zeros((), device=self.args.device)
         if EMPTY_BATCH_KEY not in inputs:
             inputs = self._prepare_inputs(inputs)

@@ -22,15 +22,6 @@ class _OptionsMixin:
         if args.lora_freeze_a:
             freeze_lora_a(model)
 
-    def _check_a_still_frozen(self) -> None:
-        """Each step: nothing (a callback, a checkpoint load) has made a frozen A trainable again; its raw gradient
-        would reach the optimizer unclipped and un-noised."""
-        if self.args.lora_freeze_a:
-            thawed = [n for n, p in self.model.named_parameters() if p.requires_grad and "lora_A." in n]
-            if thawed:
-                raise RuntimeError(f"lora_freeze_a=True, but {thawed[0]} became trainable during training: it would be "
-                                   "updated without clipping or noise. Keep the LoRA A factors frozen")
-
     def _check_optimizer_options(self) -> None:
         if self.args.dp_adam_bias_correction and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
             raise ValueError(

@@ -50,14 +50,35 @@ def test_lora_freeze_a_keeps_a_and_releases_noise_only_in_b(tmp_path, cls_datase
     card = privacy_section(report)
     assert f"| released dimension | {dim} |" in card and "FFA-LoRA" in card
     assert privacy_metadata(report)["released_dimension"] == dim
-    # an A made trainable again mid-run is refused before its raw gradient could be used
-    next(p for n, p in trainer.model.named_parameters() if "lora_A." in n).requires_grad_(True)
-    with pytest.raises(RuntimeError, match="became trainable"):
-        trainer._check_a_still_frozen()
     # the same adapter with A trained releases A's coordinates too
     full = DRTrainer(model=make_tiny_bert(), args=dr_args(tmp_path, default_lora_target_modules=["query", "value"]),
                      train_dataset=cls_dataset)
     assert full.released_dimension() == dim + sum(a.numel() for a in a_before.values())
+
+
+@pytest.mark.parametrize("target", ["lora_A.", "encoder.layer.0.attention.output.dense.weight"])
+def test_a_parameter_thawed_during_training_is_refused_before_its_raw_gradient_is_used(tmp_path, cls_dataset, target):
+    """A callback makes a frozen tensor trainable at step 2 (a frozen LoRA A of FFA-LoRA, a base weight) while the user's optimizer covers every parameter: its raw gradient would be applied. Training stops
+    before step 2's backward, and the tensor keeps its value."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerCallback
+
+    model = get_peft_model(make_tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"],
+                                                        modules_to_save=["classifier"]))
+    thawed = next(p for n, p in model.named_parameters() if target in n)
+    before = thawed.detach().clone()
+
+    class Thaw(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                thawed.requires_grad_(True)
+
+    args = dr_args(tmp_path, lora_freeze_a=True, max_steps=3, learning_rate=0.1)
+    trainer = DRTrainer(model=model, args=args, train_dataset=cls_dataset, callbacks=[Thaw()],
+                        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(RuntimeError, match="became trainable after training started"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and torch.equal(thawed.detach(), before)
 
 
 def test_lora_freeze_a_without_lora_factors_is_refused():
