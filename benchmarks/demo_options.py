@@ -11,6 +11,9 @@ expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with on
 - ``baseline``: the demo's configuration before these options (A trained, flat clipping, AdamW, lr 2e-2);
 - ``ffa``: ``lora_freeze_a=True`` (FFA-LoRA: A frozen at its initialisation, B and the head trained and released);
 - ``ffa-linear``: FFA-LoRA with the learning rate decaying linearly from ``lr`` to 0 over the 20 steps;
+- ``ffa-r4``, ``ffa-r16``: FFA-LoRA at LoRA rank 4 or 16 (alpha 2 r, the demo's scaling);
+- ``ffa-b2176x10``, ``ffa-b544x40``, ``ffa-b272x80``: FFA-LoRA with the same example budget split as expected
+  batch 2176 x 10 steps, 544 x 40 or 272 x 80 (the noise is calibrated to epsilon 8 for each);
 - ``automatic``: ``clipping="automatic"`` (each per-example gradient scaled by C / (norm + 0.01));
 - ``adambc``: ``dp_adam_bias_correction=True`` (DP-AdamBC, gamma' 1e-8).
 
@@ -37,6 +40,13 @@ OPTIONS = {
     "baseline": {"lora_freeze_a": False},  # explicit: whatever the demo's defaults become
     "ffa": {"lora_freeze_a": True},
     "ffa-linear": {"lora_freeze_a": True, "lr_scheduler_type": "linear"},
+    # FFA-LoRA at another rank (alpha = 2 r, the demo's scaling), and at other splits of the same example budget
+    # (expected batch x steps = 21,760, the demo's)
+    "ffa-r4": {"lora_freeze_a": True, "default_lora_r": 4, "default_lora_alpha": 8},
+    "ffa-r16": {"lora_freeze_a": True, "default_lora_r": 16, "default_lora_alpha": 32},
+    "ffa-b2176x10": {"lora_freeze_a": True, "per_device_train_batch_size": 2176, "max_steps": 10},
+    "ffa-b544x40": {"lora_freeze_a": True, "per_device_train_batch_size": 544, "max_steps": 40},
+    "ffa-b272x80": {"lora_freeze_a": True, "per_device_train_batch_size": 272, "max_steps": 80},
     "automatic": {"clipping": "automatic"},
     "adambc": {"dp_adam_bias_correction": True},
 }
@@ -96,9 +106,9 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> N
 
 def table(path: str) -> None:
     rows = json.load(open(path))["rows"]
-    print(f"{'stage':<6} {'option':<10} {'lr':>6} {'seed':>4} {'accuracy':>8} {'macro-F1':>8} {'epsilon':>7} {'s':>5}")
+    print(f"{'stage':<6} {'option':<12} {'lr':>6} {'seed':>4} {'accuracy':>8} {'macro-F1':>8} {'epsilon':>7} {'s':>5}")
     for r in sorted(rows, key=lambda r: (r["stage"], r["option"], r["lr"], r.get("seed", 0))):
-        print(f"{r['stage']:<6} {r['option']:<10} {r['lr']:>6g} {r.get('seed', 0):>4} {r['accuracy']:>8.4f} "
+        print(f"{r['stage']:<6} {r['option']:<12} {r['lr']:>6g} {r.get('seed', 0):>4} {r['accuracy']:>8.4f} "
               f"{r['macro_f1']:>8.4f} {r['epsilon']:>7.3f} {r.get('wall_s', r.get('train_s', 0)):>5.0f}")
     for stage, title in (("tune", "held-out 15% of train"), ("test", "test split")):
         print(f"\n{title}, mean (min-max) over seeds:")
@@ -108,7 +118,7 @@ def table(path: str) -> None:
                 groups.setdefault((r["option"], r["lr"]), []).append(r)
         for (name, lr), rs in sorted(groups.items()):
             acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
-            print(f"  {name:<10} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
+            print(f"  {name:<12} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
                   f"{max(acc):.4f})  macro-F1 {statistics.mean(f1):.4f} ({min(f1):.4f}-{max(f1):.4f})")
 
 

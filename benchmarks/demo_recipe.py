@@ -52,14 +52,13 @@ def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsil
     model = AutoModelForSequenceClassification.from_pretrained(
         tokenizer_path, num_labels=splits["train"].features["label"].num_classes)
     fields = {k: v for k, v in hp.items() if k != "noise_multiplier"}
-    fields["learning_rate"] = lr
-    fields.update(options or {})
+    fields.update(learning_rate=lr, per_sample_max_grad_norm=clip, default_lora_r=8, default_lora_alpha=16)
+    fields.update(options or {})  # an option may replace any of these (the rank, the clipping norm, batch and steps)
     with tempfile.TemporaryDirectory() as out:
         args = DRTrainingArguments(
-            output_dir=out, target_epsilon=target_epsilon, per_sample_max_grad_norm=clip, seed=seed, data_seed=seed,
+            output_dir=out, target_epsilon=target_epsilon, seed=seed, data_seed=seed,
             noise_seed=seed, logging_steps=5, save_strategy="no", eval_strategy="no", per_device_eval_batch_size=128,
-            report_to="none", disable_tqdm=True, default_lora_r=8, default_lora_alpha=16,
-            default_lora_target_modules=lora_modules(top_layers), **fields)
+            report_to="none", disable_tqdm=True, default_lora_target_modules=lora_modules(top_layers), **fields)
         trainer = DRTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=held,
                             processing_class=tokenizer, compute_metrics=classification_compute_metrics())
         start = time.perf_counter()
@@ -67,9 +66,9 @@ def run_one(splits, tokenizer_path, max_length, top_layers, lr, hp, target_epsil
         train_s = time.perf_counter() - start
         metrics = trainer.evaluate()
         report = trainer.privacy_report()
-    return dict(split="heldout", max_length=max_length, top_layers=top_layers, lr=lr, clip=clip,
-                expected_batch=hp["per_device_train_batch_size"], steps=trainer.state.global_step,
-                max_physical_batch_size=hp["max_physical_batch_size"], lr_scheduler_type=fields["lr_scheduler_type"], seed=seed,
+    return dict(split="heldout", max_length=max_length, top_layers=top_layers, lr=lr, clip=fields["per_sample_max_grad_norm"],
+                lora_r=fields["default_lora_r"], expected_batch=fields["per_device_train_batch_size"],
+                steps=trainer.state.global_step, max_physical_batch_size=fields["max_physical_batch_size"], lr_scheduler_type=fields["lr_scheduler_type"], seed=seed,
                 train_examples=len(data["train"]), heldout_examples=len(held),
                 accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"], eval_loss=metrics["eval_loss"],
                 epsilon=report["epsilon"], noise_multiplier=report["noise_multiplier"], target_epsilon=target_epsilon,
