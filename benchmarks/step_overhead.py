@@ -60,7 +60,7 @@ def _same_batches_trainer():
 def worker(kind: str, preset: str, device: str, steps: int, warmup: int, threads: int | None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
     from hf_drencoder import DRTrainer, DRTrainingArguments
 

@@ -7,14 +7,13 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from conftest import dr_args, make_cls_dataset, make_lm_dataset, make_tiny_bert, make_tiny_llama
 from hf_drencoder import DRTrainer, DRTrainingArguments, PrivacyBudgetError
 from hf_drencoder.privacy import compute_epsilon
-from hf_drencoder.privacy.mechanism import GaussianGradientMechanism
 
 
 def lora_values(model):

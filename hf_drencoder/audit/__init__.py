@@ -54,6 +54,7 @@ __all__ = [
     "guesses_for",
     "input_canary_scores",
     "lower_bound_from_scores",
+    "main",
     "make_input_canaries",
     "noise_check",
     "run_audit",
