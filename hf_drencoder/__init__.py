@@ -7,7 +7,8 @@ from .audit import AuditResult, PrivacyAuditError, run_audit
 from .callbacks import PrivacyCallback
 from .codec import GradientCodec, LayoutMismatchError, LoraLayout, build_prior, collect_gradient_statistics, pretrain_codec
 from .federated import FederatedArguments, FederatedSimulation
-from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, calibrate_noise_multiplier, compute_epsilon
+from .privacy.accounting import PrivacyAccountant, PrivacyBudgetError, compute_epsilon
+from .privacy.calibration import calibrate_noise_multiplier
 from .recipe import suggest_hyperparameters
 from .trainer import DRTrainer, PrivateTrainerMixin, make_private
 

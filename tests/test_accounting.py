@@ -82,12 +82,12 @@ def test_calibration_hits_target_from_below_and_agrees_with_opacus():
 ])
 def test_calibration_is_within_tolerance_from_below_in_few_evaluations(monkeypatch, target, delta, q, steps,
                                                                        accountant, prior):
-    from hf_drencoder.privacy import accounting
+    from hf_drencoder.privacy import calibration
 
-    accounting._calibrate.cache_clear()
+    calibration._calibrate.cache_clear()
     calls = []
-    real = accounting.compute_epsilon
-    monkeypatch.setattr(accounting, "compute_epsilon", lambda h, d, a: calls.append(a) or real(h, d, a))
+    real = calibration.compute_epsilon
+    monkeypatch.setattr(calibration, "compute_epsilon", lambda h, d, a: calls.append(a) or real(h, d, a))
     sigma = calibrate_noise_multiplier(target, delta, q, steps, accountant, prior_history=prior)
     eps = real(list(prior) + [(sigma, q, steps)], delta, accountant)
     assert 0.99 * target <= eps <= target  # never above the target, within the tolerance below it

@@ -4,12 +4,11 @@ from .accounting import (
     ACCOUNTANTS,
     PrivacyAccountant,
     PrivacyBudgetError,
-    calibrate_noise_multiplier,
     compute_epsilon,
     gdp_epsilon,
     gdp_mu,
-    max_steps_within_budget,
 )
+from .calibration import calibrate_noise_multiplier, max_steps_within_budget
 from .clipping import CLIPPING_MODES, clip_and_sum, per_sample_norms
 from .grouping import GROUP_INDEX_KEY, GroupIndexCollator, GroupPoissonBatchSampler, group_rows, sum_by_group
 from .mechanism import GaussianGradientMechanism

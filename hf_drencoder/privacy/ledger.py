@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .accounting import (
-    PrivacyAccountant,
-    PrivacyBudgetError,
-    calibrate_noise_multiplier,
-    check_accountant,
-    max_steps_within_budget,
-)
+from .accounting import PrivacyAccountant, PrivacyBudgetError, check_accountant
+from .calibration import calibrate_noise_multiplier, max_steps_within_budget
 
 # What every log line and report carries, one key per accountant (GDP's mu; epsilon_gdp is in the report only).
 EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_prv", "epsilon_pld", "mu_gdp")
