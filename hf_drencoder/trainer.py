@@ -9,7 +9,7 @@ One private optimizer step (DESIGN.md section 2) is `hf_drencoder.private_step.P
 `PrivateTrainerMixin` puts it into any ``Trainer`` subclass through the hooks it overrides: ``__init__`` (LoRA,
 arguments, refusals), ``get_train_dataloader`` (Poisson batches), ``train`` (ledger, checks, codec, calibration),
 ``training_step`` (the private step), ``log`` (epsilon in every log) and saving (trainer_hub.py). The checks are
-in trainer_checks.py, the codec set-up in trainer_codec.py. Everything happens inside ``training_step``, so that
+in trainer_checks.py, the codec set-up in trainer_codec.py, the Poisson batches in trainer_sampling.py. Everything happens inside ``training_step``, so that
 nothing Trainer does after it (``grad_norm`` logging, callbacks, the optimizer) sees an un-noised gradient.
 """
 
@@ -20,18 +20,16 @@ import json
 import logging
 import math
 import os
-import secrets
 from typing import Callable
 
 import torch
 from peft import PeftModel
-from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import SWAP_IN_DEFAULTS, DRArgumentsMixin, DRTrainingArguments
 from .callbacks import PrivacyCallback, load_privacy_state
-from .distributed import from_main_process, sum_over_processes
+from .distributed import sum_over_processes
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import base_model_of, infer_task, per_sample_losses
 from .preference import preference_mixin_for
@@ -39,19 +37,20 @@ from .private_step import PrivateStep
 from .privacy.coupling import check_up_front
 from .privacy.ledger import PrivacyLedger
 from .privacy.mechanism import GaussianGradientMechanism
-from .privacy.grouping import GROUP_INDEX_KEY, GroupIndexCollator, GroupPoissonBatchSampler
-from .privacy.sampling import EMPTY_BATCH_KEY, EmptyBatchCollator, PoissonBatchSampler
+from .privacy.grouping import GROUP_INDEX_KEY
+from .privacy.sampling import EMPTY_BATCH_KEY
 from .safeguards import split_rows
 from .trainer_checks import _PreflightMixin
 from .trainer_codec import _CodecMixin
 from .trainer_hub import _HubMixin
 from .trainer_models import bind_trainer_arguments, load_named_model
 from .trainer_options import _OptionsMixin
+from .trainer_sampling import _SamplingMixin
 
 logger = logging.getLogger(__name__)
 
 
-class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin):
+class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin, _SamplingMixin):
     """Differentially private LoRA training for a ``Trainer`` class: put it first among the bases, or use
     `make_private`.
 
@@ -212,69 +211,6 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
         if self.args.target_delta is not None:
             return self.args.target_delta
         return 1.0 / (n if n is not None else self._num_train_units())
-
-    def _steps_per_epoch(self, n: int) -> int:
-        return max(n // self.expected_batch_size, 1)
-
-    def _sampling_seed(self) -> int:
-        """Seed of the Poisson sampler. Under DP it is secret like the noise: the accountants' amplification by
-        subsampling assumes nobody knows which examples a step used, and ``seed`` / ``data_seed`` are saved
-        with the run's arguments. So: fresh OS entropy (the same on every process), or derived from
-        ``noise_seed`` when that is set (reproducible runs for tests). Without DP: ``data_seed`` or ``seed``."""
-        if not self.dp_enabled:
-            return self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if getattr(self, "_secret_sampling_seed", None) is None:
-            if self._noise_seed is not None:
-                seed = (self._noise_seed * 1_000_033 + 7) % (2**62)
-            else:
-                seed = secrets.randbits(62)
-            self._secret_sampling_seed = from_main_process(seed) if self.args.world_size > 1 else seed
-        return self._secret_sampling_seed
-
-    def planned_optimizer_steps(self) -> int:
-        """Optimizer steps Trainer will run: the number the noise is calibrated for."""
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch(self._num_train_units()))
-
-    def get_train_dataloader(self) -> DataLoader:
-        if not self.args.poisson_sampling:
-            return super().get_train_dataloader()
-        n = self._check_train_dataset()
-        self._set_signature_columns_if_needed()
-        signature = list(self._signature_columns)
-        if self._grouped:
-            # the group column survives Trainer's column removal for the training loader only; GroupIndexCollator
-            # takes it out of every row before the collator and the model see it
-            self._signature_columns = signature + [self.args.group_by_column]
-        try:
-            dataset, collator = self._model_rows_and_collator()
-        finally:
-            self._signature_columns = signature
-        common = dict(
-            sample_rate=self.expected_batch_size / n, steps_per_epoch=self._steps_per_epoch(n),
-            micro_batches=self.args.gradient_accumulation_steps, seed=self._sampling_seed(),
-            num_replicas=self.args.world_size, rank=self.args.process_index,
-        )
-        if self._grouped:
-            # Poisson over groups; a group's rows stay in one micro-batch on one process
-            sampler = GroupPoissonBatchSampler(self._groups(), max_rows_per_group=self.args.max_rows_per_group, **common)
-            collator = GroupIndexCollator(collator, self.args.group_by_column)
-        else:
-            sampler = PoissonBatchSampler(num_samples=n, **common)
-        loader_cls = DataLoader if self.args.world_size == 1 else _PoissonShareLoader
-        loader = loader_cls(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=EmptyBatchCollator(collator),
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
-        if self.args.world_size > 1:
-            # accelerate would deal whole batches out to processes in turn (N Poisson batches per step: N times the
-            # rate the accountant is given); the sampler already gives each process its share of one batch
-            return loader
-        return self.accelerator.prepare(loader)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if self.train_dataset is None:
@@ -505,11 +441,3 @@ def make_private(trainer_cls: type) -> type:
         globals()[name] = cls
         _PRIVATE_TRAINERS[trainer_cls] = cls
     return _PRIVATE_TRAINERS[trainer_cls]
-
-
-class _PoissonShareLoader(DataLoader):
-    """A process's loader of its share of each Poisson batch (data parallel), with Trainer's ``set_epoch``."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
-
