@@ -17,6 +17,9 @@ expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with on
 - ``automatic``: ``clipping="automatic"`` (each per-example gradient scaled by C / (norm + 0.01));
 - ``adambc``: ``dp_adam_bias_correction=True`` (DP-AdamBC, gamma' 1e-8).
 
+The demo's own defaults are now FFA-LoRA at 40 steps of 544 (the ``ffa-b544x40`` row); ``tune`` and ``test`` keep the
+recipe's 20 steps of 1088 for every option that does not set its own, so that the recorded rows stay comparable.
+
 ``tune`` picks each option's learning rate on the held-out 15% of the TRAIN split, as benchmarks/demo_recipe.py
 does (same split, same seeds ``seed = data_seed = noise_seed = 0`` for every row: the same Poisson batches and noise
 draws), with the same grid for every option. ``test`` runs the whole ``hf-drencoder demo`` job with the chosen rate
@@ -94,9 +97,16 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> N
     sys.path.insert(0, HERE)
     from demo_utility import run
 
+    # the recipe's batch and steps, as in `tune` (the demo's own defaults have since moved to 40 steps of 544): an
+    # option's own batch and steps come later on the command line and replace them
+    from hf_drencoder.embedded import load_reuters
+    from hf_drencoder.recipe import suggest_hyperparameters
+
+    hp = suggest_hyperparameters(len(load_reuters("r8")["train"]), 8.0)
+    recipe = cli_args({k: hp[k] for k in ("per_device_train_batch_size", "max_steps")})
     for name in options:
         for seed in seeds:
-            extra = ["--seed", str(seed), *cli_args(OPTIONS[name]), "--learning_rate", str(lr)]
+            extra = ["--seed", str(seed), *recipe, *cli_args(OPTIONS[name]), "--learning_rate", str(lr)]
             r = run(extra)
             r.update(stage="test", option=name, seed=seed, lr=lr, extra_args=extra)
             add_row(r, path)
