@@ -10,14 +10,13 @@ a plain ``TrainingArguments`` needs no edit to choose epsilon.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .environment import ALTERNATIVES, CONFIG_ENV, ENV_PREFIX, environment_overrides, settings_default
 from .privacy.accounting import ACCOUNTANTS, check_accountant
 from .privacy.clipping import CLIPPING_MODES, DEFAULT_CLIPPING_GAMMA
 
@@ -28,14 +27,6 @@ logger = logging.getLogger(__name__)
 
 # What a plain TrainingArguments gets when it is handed to DRTrainer (the swap-in case).
 SWAP_IN_DEFAULTS = {"target_epsilon": 8.0}
-
-ENV_PREFIX = "HF_DRENCODER_"
-CONFIG_ENV = "HF_DRENCODER_CONFIG"
-# variables of that prefix that are not privacy settings
-_OTHER_ENV = {"HF_DRENCODER_CONFIG", "HF_DRENCODER_DEBUG"}
-# alternatives: the environment naming one drops the script's value of the other
-_ALTERNATIVES = {"target_epsilon": "noise_multiplier", "noise_multiplier": "target_epsilon"}
-
 
 @dataclass
 class DRArgumentsMixin:
@@ -242,10 +233,10 @@ class DRArgumentsMixin:
 
     def _apply_environment(self) -> None:
         """Privacy settings from ``HF_DRENCODER_*`` / ``HF_DRENCODER_CONFIG`` (see the class docstring)."""
-        overrides = environment_overrides()
+        overrides = environment_overrides(DRArgumentsMixin)
         applied = {}
         for name, value in overrides.items():
-            current, default = getattr(self, name), _field_default(name)
+            current, default = getattr(self, name), settings_default(DRArgumentsMixin, name)
             if current == value:
                 applied[name] = value
             elif current == default:
@@ -257,7 +248,7 @@ class DRArgumentsMixin:
                     f"{CONFIG_ENV}) sets {value!r}. Remove one of them"
                 )
         for name in list(applied):
-            other = _ALTERNATIVES.get(name)
+            other = ALTERNATIVES.get(name)
             if other and other not in overrides and applied[name] is not None and getattr(self, other) is not None:
                 setattr(self, other, None)  # the environment chose the other alternative
         self._privacy_from_environment = applied
@@ -347,8 +338,8 @@ class DRArgumentsMixin:
         privacy defaults (target_epsilon=8), the environment's privacy settings, then ``overrides``."""
         target = cls if issubclass(cls, type(args)) else private_arguments_class(type(args))
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(type(args)) if f.init}
-        env = environment_overrides()
-        defaults = {k: v for k, v in SWAP_IN_DEFAULTS.items() if k not in env and _ALTERNATIVES.get(k) not in env}
+        env = environment_overrides(DRArgumentsMixin)
+        defaults = {k: v for k, v in SWAP_IN_DEFAULTS.items() if k not in env and ALTERNATIVES.get(k) not in env}
         values.update(defaults)
         values.update(overrides)
         return target(**values)
@@ -382,79 +373,6 @@ def private_arguments_class(base: type) -> type:
     return _PRIVATE_CLASSES[base]
 
 
-def _field_default(name: str):
-    f = {f.name: f for f in dataclasses.fields(DRArgumentsMixin)}[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-
-
-def _annotation(name: str) -> str:
-    """The field's declared type as written (``"float | None"``). Not ``Field.type``: HfArgumentParser rewrites
-    that in place (``float``), which would lose what an environment value must be parsed as."""
-    return str(DRArgumentsMixin.__annotations__[name])
-
-
-def _parse_env_value(name: str, text, annotation: str):
-    if not isinstance(text, str):
-        return text  # from a JSON/YAML file: already typed
-    optional = "None" in annotation
-    kind = annotation.replace("| None", "").replace("None |", "").strip()
-    if optional and text.strip().lower() in ("", "none", "null"):
-        return None
-    try:
-        if kind == "bool":
-            low = text.strip().lower()
-            if low not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return low in ("1", "true", "yes")
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind.startswith("list"):
-            return [t for t in text.replace(",", " ").split() if t]
-        return text
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
-
-
-def environment_overrides() -> dict:
-    """Privacy settings given by the environment: ``HF_DRENCODER_CONFIG`` (a JSON or YAML file of
-    ``{field: value}``), then ``HF_DRENCODER_<FIELD>`` variables, which win. Unknown names are refused (a typo must
-    not be silently ignored)."""
-    fields = {f.name: f for f in dataclasses.fields(DRArgumentsMixin)}
-    out: dict = {}
-    path = os.environ.get(CONFIG_ENV)
-    if path:
-        if not os.path.isfile(path):
-            raise ValueError(f"{CONFIG_ENV}={path!r}: no such file")
-        with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                values = yaml.safe_load(f) or {}
-            else:
-                values = json.load(f)
-        if not isinstance(values, dict):
-            raise ValueError(f"{CONFIG_ENV}={path!r} must hold a mapping of privacy settings")
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"{path}: unknown privacy settings {', '.join(unknown)}; known: {', '.join(fields)}")
-        out.update({k: _parse_env_value(k, v, _annotation(k)) for k, v in values.items()})
-    for var, text in os.environ.items():
-        if not var.startswith(ENV_PREFIX) or var in _OTHER_ENV:
-            continue
-        name = var[len(ENV_PREFIX):].lower()
-        if name not in fields:
-            raise ValueError(
-                f"{var} is not a privacy setting. Known: {', '.join(ENV_PREFIX + n.upper() for n in fields)} (and "
-                f"{CONFIG_ENV}); Trainer's own settings come from your script's arguments"
-            )
-        out[name] = _parse_env_value(name, text, _annotation(name))
-    return out
-
-
 def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = None):
     """``parser.parse_args_into_dataclasses`` with script defaults (``parser`` is an ``HfArgumentParser`` over
     dataclasses that include `DRTrainingArguments`); a single ``.json`` argument is read as a file.
@@ -468,10 +386,10 @@ def parse_args_with_defaults(parser, defaults: dict, argv: list[str] | None = No
     defaults = dict(defaults)
     if "--noise_multiplier" in {a.split("=")[0] for a in args}:
         defaults.pop("target_epsilon", None)
-    env = environment_overrides()  # the environment's privacy settings replace the script's defaults
+    env = environment_overrides(DRArgumentsMixin)  # the environment's privacy settings replace the script's defaults
     for name in env:
         defaults.pop(name, None)
-        defaults.pop(_ALTERNATIVES.get(name), None)
+        defaults.pop(ALTERNATIVES.get(name), None)
     parser.set_defaults(**defaults)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
