@@ -14,7 +14,9 @@ Protocol (docs/utility.md):
   `hf_drencoder.recipe.suggest_hyperparameters` (expected batch 1088, 20 steps, constant AdamW: 21,760 examples)
   at every epsilon and without DP, so every method and every epsilon gets the same example budget. Methods:
   ``lora`` (non-private, ``disable_dp``, through the same trainer), ``dp-lora`` (DP-SGD on A and B) and
-  ``dp-ffa`` (FFA-LoRA: A frozen, only B and the head released and noised).
+  ``dp-ffa`` (FFA-LoRA: A frozen, only B and the head released and noised). ``--split 544x40`` spends the same
+  21,760 examples as 40 steps of expected batch 544 (the demo's split) instead; its runs are tuned and reported
+  apart (``split`` in every run and row).
 - **Tuning.** Every method gets the same learning-rate grid, trained on 85% of train
   (``train_test_split(test_size=0.15, seed=1234)``) at epsilon 8 (``lora``: without DP) with seed 0, and scored on
   the other 15%; the rate with the best held-out accuracy (macro-F1 breaks ties) is used at every epsilon. The test
@@ -60,6 +62,10 @@ MODELS = {
     "cut": dict(max_length=32, lora_layers=(4, 5)),
     "full": dict(max_length=128, lora_layers=(0, 1, 2, 3, 4, 5)),
 }
+# How the example budget is spent: the recipe's 20 steps of 1088, or the same 21,760 examples as 40 steps of 544 (which
+# scored higher for FFA-LoRA on the held-out split, benchmarks/demo_options.py, and is the demo's default)
+SPLITS = {"1088x20": {}, "544x40": dict(per_device_train_batch_size=544, max_steps=40)}
+RECIPE_SPLIT = "1088x20"
 LR_GRID = [2e-2, 5e-2, 1e-1]
 EPSILONS = [1.0, 3.0, 8.0]
 SEEDS = [0, 1, 2]
@@ -93,8 +99,12 @@ def add_run(run: dict, path: str) -> None:
         os.replace(tmp, path)
 
 
+def _split(r: dict) -> str:
+    return r.get("split", RECIPE_SPLIT)  # runs recorded before the split existed used the recipe's
+
+
 def _key(r: dict) -> tuple:
-    return (r["stage"], r["model"], r["method"], r["target_epsilon"], r["lr"], r["seed"])
+    return (r["stage"], r["model"], _split(r), r["method"], r["target_epsilon"], r["lr"], r["seed"])
 
 
 def _data(model: str, quick: bool):
@@ -112,7 +122,8 @@ def _data(model: str, quick: bool):
     return splits, tokenizer, raw["train"].features["label"].num_classes, len(raw["train"])
 
 
-def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: int, stage: str, data, quick: bool) -> dict:
+def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: int, stage: str, data, quick: bool,
+               split: str = RECIPE_SPLIT) -> dict:
     """One run: train on the stage's train rows, score on its evaluation rows."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -128,6 +139,7 @@ def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: 
     private = spec.pop("private", True) and epsilon is not None
     # the same example budget for every row: the recipe's for the whole train split at epsilon 8
     hp = {k: v for k, v in suggest_hyperparameters(n_full, TUNE_EPSILON).items() if k != "noise_multiplier"}
+    hp.update(SPLITS[split])
     if quick:
         hp.update(per_device_train_batch_size=QUICK["batch"], max_physical_batch_size=QUICK["physical"],
                   max_steps=QUICK["steps"])
@@ -149,7 +161,7 @@ def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: 
         metrics = trainer.evaluate()
         report = trainer.privacy_report()
     return dict(
-        stage=stage, setting="central", model=model, method=method, target_epsilon=epsilon if private else None,
+        stage=stage, setting="central", model=model, split=split, method=method, target_epsilon=epsilon if private else None,
         lr=lr, seed=seed, accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"],
         epsilon=report["epsilon"] if private else None, delta=report.get("delta"),
         noise_multiplier=report.get("noise_multiplier"), accountant=report.get("accountant"),
@@ -164,16 +176,17 @@ def _log(msg: str) -> None:
     print(f"[utility {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def chosen_lr(data: dict, model: str, method: str) -> float:
-    rows = [r for r in data["runs"] if r["stage"] == "tune" and r["model"] == model and r["method"] == method]
+def chosen_lr(data: dict, model: str, method: str, split: str = RECIPE_SPLIT) -> float:
+    rows = [r for r in data["runs"]
+            if r["stage"] == "tune" and r["model"] == model and _split(r) == split and r["method"] == method]
     if not rows:
-        raise SystemExit(f"no tuning runs of {method} ({model}): run `python benchmarks/utility.py tune` first")
+        raise SystemExit(f"no tuning runs of {method} ({model}, {split}): run `python benchmarks/utility.py tune` first")
     return max(rows, key=lambda r: (r["accuracy"], r["macro_f1"]))["lr"]
 
 
 def run_stage(stage: str, a) -> None:
     path = results_path(a.quick)
-    grid = QUICK["lr_grid"] if a.quick else LR_GRID
+    grid = QUICK["lr_grid"] if a.quick else (a.lrs or LR_GRID)
     epsilons = a.epsilons or (QUICK["epsilons"] if a.quick else EPSILONS)
     seeds = a.seeds or (QUICK["seeds"] if a.quick else SEEDS)
     data = None
@@ -183,15 +196,15 @@ def run_stage(stage: str, a) -> None:
         if stage == "tune":
             plan += [(method, TUNE_EPSILON if private else None, lr, 0) for lr in grid]
         else:
-            lr = chosen_lr(load(path), a.model, method)
+            lr = chosen_lr(load(path), a.model, method, a.split)
             plan += [(method, eps, lr, s) for eps in (epsilons if private else [None]) for s in seeds]
     for method, eps, lr, seed in plan:
-        key = (stage, a.model, method, eps, lr, seed)
+        key = (stage, a.model, a.split, method, eps, lr, seed)
         if any(_key(r) == key for r in load(path)["runs"]):
             continue
         data = data or _data(a.model, a.quick)
-        _log(f"{stage} {method} epsilon {eps} lr {lr:g} seed {seed}")
-        run = train_eval(a.model, method, eps, lr, seed, stage, data, a.quick)
+        _log(f"{stage} {method} {a.split} epsilon {eps} lr {lr:g} seed {seed}")
+        run = train_eval(a.model, method, eps, lr, seed, stage, data, a.quick, a.split)
         add_run(run, path)
         _log(f"  accuracy {run['accuracy']:.4f} macro-F1 {run['macro_f1']:.4f} epsilon {run['epsilon']} ({run['wall_s']:.0f} s)")
 
@@ -246,29 +259,31 @@ def reuse_demo_options(a) -> None:
 def headline(data: dict) -> list[dict]:
     """Test runs grouped over seeds: setting, method, epsilon, accuracy, macro_f1, seeds, uplink_bytes, examples."""
     groups: dict = {}
-    tuned = {(r["model"], r["method"]) for r in data["runs"] if r["stage"] == "tune"}
+    tuned = {(r["model"], r["method"], _split(r)) for r in data["runs"] if r["stage"] == "tune"}
     chosen = {key: chosen_lr(data, *key) for key in tuned}
     for r in data["runs"]:
         # a central method's headline is at its tuned learning rate only (other rates' test runs stay in "runs")
-        if r["stage"] == "test" and chosen.get((r["model"], r["method"]), r["lr"]) == r["lr"]:
-            groups.setdefault((r["setting"], r["model"], r["method"], r["target_epsilon"]), []).append(r)
+        if r["stage"] == "test" and chosen.get((r["model"], r["method"], _split(r)), r["lr"]) == r["lr"]:
+            split = _split(r) if r["setting"] == "central" else None
+            groups.setdefault((r["setting"], r["model"], split, r["method"], r["target_epsilon"]), []).append(r)
     rows = []
-    for (setting, model, method, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or math.inf)):
+    for (setting, model, split, method, eps), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][2] or "", kv[0][3], kv[0][4] or math.inf)):
         acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
         rows.append(dict(
             setting=setting, method=method, epsilon=eps, accuracy=statistics.mean(acc), macro_f1=statistics.mean(f1),
             seeds=len(rs), accuracy_min=min(acc), accuracy_max=max(acc), macro_f1_min=min(f1), macro_f1_max=max(f1),
             epsilon_spent=max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
-            uplink_bytes=rs[0]["uplink_bytes"], examples=rs[0]["examples"], model=model, lr=rs[0]["lr"]))
+            uplink_bytes=rs[0]["uplink_bytes"], examples=rs[0]["examples"], model=model, lr=rs[0]["lr"], split=split))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'setting':10s} {'method':18s} {'eps':>5s} {'seeds':>5s} {'accuracy (min-max)':>22s} {'macro-F1':>8s} {'uplink B':>9s} {'examples':>8s}"
+    head = f"{'setting':10s} {'split':7s} {'method':18s} {'eps':>5s} {'seeds':>5s} {'accuracy (min-max)':>22s} {'macro-F1':>8s} {'uplink B':>9s} {'examples':>8s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        lines.append(f"{r['setting']:10s} {r['method']:18s} {eps:>5s} {r['seeds']:>5d} "
+        lines.append(f"{r['setting']:10s} {r.get('split') or '':7s} {r['method']:18s} {eps:>5s} {r['seeds']:>5d} "
                      f"{r['accuracy']:.4f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}) {r['macro_f1']:>8.4f} "
                      f"{r['uplink_bytes'] or 0:>9d} {r['examples'] or 0:>8d}")
     return "\n".join(lines)
@@ -280,24 +295,27 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     xs = {1.0: 0, 3.0: 1, 8.0: 2, None: 3}
     for ax, metric in zip(axes, ("accuracy", "macro_f1")):
-        for (setting, method) in sorted({(r["setting"], r["method"]) for r in rows}):
-            rs = sorted((r for r in rows if (r["setting"], r["method"]) == (setting, method)), key=lambda r: xs[r["epsilon"]])
+        for (setting, split, method) in sorted({(r["setting"], r.get("split") or "", r["method"]) for r in rows}):
+            rs = sorted((r for r in rows if (r["setting"], r.get("split") or "", r["method"]) == (setting, split, method)),
+                        key=lambda r: xs[r["epsilon"]])
             x = [xs[r["epsilon"]] for r in rs]
             y = [r[metric] for r in rs]
             lo = [r[metric] - r[f"{metric}_min"] for r in rs]
             hi = [r[f"{metric}_max"] - r[metric] for r in rs]
             ax.errorbar(x, y, yerr=[lo, hi], marker="o" if setting == "central" else "s", capsize=3,
-                        linestyle="-" if len(x) > 1 else "none", label=f"{setting}: {method}")
+                        linestyle="-" if len(x) > 1 else "none",
+                        label=f"{setting}: {method}" + (f" ({split})" if split else ""))
         ax.set_xticks(range(4), ["1", "3", "8", "no DP"])
         ax.set_xlabel("epsilon")
         ax.set_ylabel(metric.replace("_", "-"))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)  # below the panels: it hides no point
     fig.suptitle("MiniLM-L6 + LoRA on Reuters-R8: mean over seeds (bars: min-max), test split")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -310,9 +328,14 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--epsilons", type=float, nargs="+", help="test: a subset of 1 3 8")
     p.add_argument("--seeds", type=int, nargs="+", help="test: a subset of 0 1 2")
+    p.add_argument("--split", choices=list(SPLITS), default=RECIPE_SPLIT,
+                   help="central: how the 21,760-example budget is spent (expected batch x steps; default the recipe's)")
+    p.add_argument("--lrs", type=float, nargs="+", help="tune: a subset of the grid (default: all of it)")
     p.add_argument("--federated_results", default=os.path.join(HERE, "results", "federated_defaults.json"))
     p.add_argument("--plot", default=None, help="where to draw the plot (default docs/utility.png; --quick: a temp file)")
     a = p.parse_args(argv)
+    if a.lrs and not set(a.lrs) <= set(LR_GRID):
+        p.error(f"--lrs must be values of the grid {LR_GRID}: every method is tuned on the same grid")
     if a.stage == "reuse-demo-options":
         reuse_demo_options(a)
     for stage in (["tune", "test", "federated"] if a.stage == "all" else [a.stage] if a.stage in ("tune", "test", "federated") else []):
@@ -323,6 +346,7 @@ def main(argv=None) -> None:
         data = load(path)
         data["rows"] = headline(data)
         data["protocol"] = {"lr_grid": QUICK["lr_grid"] if a.quick else LR_GRID, "tune_epsilon": TUNE_EPSILON,
+                            "splits": SPLITS,
                             "selection": "max held-out accuracy (macro-F1 breaks ties)", "clip": CLIP,
                             "models": MODELS, "quick": a.quick}
         with open(path, "w") as f:
