@@ -58,9 +58,6 @@ PLD_DISCRETIZATION = 1e-4
 # grow: sigma 0.5 at q = 1 for 10,000 steps needs 34 million points.
 _PLD_MAX_GRID_POINTS = 4_000_000
 
-# sigma above this is treated as "calibration failed": the budget cannot be met with the planned steps.
-_MAX_NOISE_MULTIPLIER = 1e4
-
 
 class PrivacyBudgetError(ValueError):
     """Raised when a privacy budget cannot be met (or would be exceeded)."""

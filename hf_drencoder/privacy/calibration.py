@@ -12,7 +12,6 @@ import functools
 import math
 
 from .accounting import (
-    _MAX_NOISE_MULTIPLIER,
     PrivacyBudgetError,
     _validate_history,
     check_accountant,
@@ -20,6 +19,9 @@ from .accounting import (
     gdp_epsilon,
     gdp_mu,
 )
+
+# sigma above this is treated as "calibration failed": the budget cannot be met with the planned steps.
+_MAX_NOISE_MULTIPLIER = 1e4
 
 
 def _release(sigma: float, sample_rate: float, steps: int, without_replacement) -> tuple:
