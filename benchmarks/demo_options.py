@@ -3,6 +3,7 @@
     python benchmarks/demo_options.py tune --options ffa --lrs 2e-2 5e-2   # held-out 15% of R8 train, one seed
     python benchmarks/demo_options.py tune --options ffa --lrs 1e-1 --tune_seeds 0 1 2   # the same, three seeds
     python benchmarks/demo_options.py test --options ffa --lr 5e-2         # the R8 test split, seeds 0 1 2
+    python benchmarks/demo_options.py tune --options ffa-b544x40 --lrs 5e-2 1e-1 --tune_seeds 0 1 2 --target_epsilon 1
     python benchmarks/demo_options.py table                                # print the table of what is recorded
 
 Every run is the demo's configuration (embedded MiniLM-L6, LoRA r 8 on query/value of layers 4 and 5, 32 tokens,
@@ -19,6 +20,8 @@ expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with on
 
 The demo's own defaults are now FFA-LoRA at 40 steps of 544 (the ``ffa-b544x40`` row); ``tune`` and ``test`` keep the
 recipe's 20 steps of 1088 for every option that does not set its own, so that the recorded rows stay comparable.
+
+``--target_epsilon`` (default 8) sets the budget of ``tune`` and ``test`` runs; rows record it.
 
 ``tune`` picks each option's learning rate on the held-out 15% of the TRAIN split, as benchmarks/demo_recipe.py
 does (same split, same seeds ``seed = data_seed = noise_seed = 0`` for every row: the same Poisson batches and noise
@@ -73,7 +76,7 @@ def add_row(row: dict, path: str = RESULTS) -> None:
             json.dump(data, f, indent=2)
 
 
-def tune(options: list[str], lrs: list[float], path: str, seeds: list[int] = (0,)) -> None:
+def tune(options: list[str], lrs: list[float], path: str, seeds: list[int] = (0,), target_epsilon: float = 8.0) -> None:
     sys.path.insert(0, HERE)
     from demo_recipe import run_one
 
@@ -85,15 +88,15 @@ def tune(options: list[str], lrs: list[float], path: str, seeds: list[int] = (0,
     splits = train.train_test_split(test_size=0.15, seed=1234)  # "test" here is the held-out 15% of TRAIN
     hp = suggest_hyperparameters(len(train), 8.0)
     for name, lr, seed in itertools.product(options, lrs, seeds):
-        r = run_one(splits, minilm_path(), DEMO_MAX_LENGTH, len(DEMO_LORA_LAYERS), lr, hp, 8.0, None, clip=0.1,
-                    options=OPTIONS[name], seed=seed)
+        r = run_one(splits, minilm_path(), DEMO_MAX_LENGTH, len(DEMO_LORA_LAYERS), lr, hp, target_epsilon, None,
+                    clip=0.1, options=OPTIONS[name], seed=seed)
         r.update(stage="tune", option=name)
         add_row(r, path)
         print(f"tune {name} lr {lr:g} seed {seed}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
               f"epsilon {r['epsilon']:.3f} ({r['train_s']:.0f} s)", flush=True)
 
 
-def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> None:
+def test(options: list[str], lr: float | None, seeds: list[int], path: str, target_epsilon: float = 8.0) -> None:
     sys.path.insert(0, HERE)
     from demo_utility import run
 
@@ -106,9 +109,10 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> N
     recipe = cli_args({k: hp[k] for k in ("per_device_train_batch_size", "max_steps")})
     for name in options:
         for seed in seeds:
-            extra = ["--seed", str(seed), *recipe, *cli_args(OPTIONS[name]), "--learning_rate", str(lr)]
+            extra = ["--seed", str(seed), *recipe, *cli_args(OPTIONS[name]), "--learning_rate", str(lr),
+                     "--target_epsilon", str(target_epsilon)]
             r = run(extra)
-            r.update(stage="test", option=name, seed=seed, lr=lr, extra_args=extra)
+            r.update(stage="test", option=name, seed=seed, lr=lr, target_epsilon=target_epsilon, extra_args=extra)
             add_row(r, path)
             print(f"test {name} lr {r['lr']:g} seed {seed}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                   f"epsilon {r['epsilon']:.3f} wall {r['wall_s']:.0f} s", flush=True)
@@ -116,8 +120,11 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str) -> N
 
 def table(path: str) -> None:
     rows = json.load(open(path))["rows"]
+    def eps(r):
+        return r.get("target_epsilon", 8.0)  # rows recorded before other targets existed were all at 8
+
     print(f"{'stage':<6} {'option':<12} {'lr':>6} {'seed':>4} {'accuracy':>8} {'macro-F1':>8} {'epsilon':>7} {'s':>5}")
-    for r in sorted(rows, key=lambda r: (r["stage"], r["option"], r["lr"], r.get("seed", 0))):
+    for r in sorted(rows, key=lambda r: (r["stage"], r["option"], eps(r), r["lr"], r.get("seed", 0))):
         print(f"{r['stage']:<6} {r['option']:<12} {r['lr']:>6g} {r.get('seed', 0):>4} {r['accuracy']:>8.4f} "
               f"{r['macro_f1']:>8.4f} {r['epsilon']:>7.3f} {r.get('wall_s', r.get('train_s', 0)):>5.0f}")
     for stage, title in (("tune", "held-out 15% of train"), ("test", "test split")):
@@ -125,10 +132,10 @@ def table(path: str) -> None:
         groups: dict = {}
         for r in rows:
             if r["stage"] == stage:
-                groups.setdefault((r["option"], r["lr"]), []).append(r)
-        for (name, lr), rs in sorted(groups.items()):
+                groups.setdefault((r["option"], eps(r), r["lr"]), []).append(r)
+        for (name, target, lr), rs in sorted(groups.items()):
             acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
-            print(f"  {name:<12} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
+            print(f"  {name:<12} eps {target:<3g} lr {lr:<6g} {len(rs)} seeds: accuracy {statistics.mean(acc):.4f} ({min(acc):.4f}-"
                   f"{max(acc):.4f})  macro-F1 {statistics.mean(f1):.4f} ({min(f1):.4f}-{max(f1):.4f})")
 
 
@@ -141,12 +148,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="test: the seeds")
     p.add_argument("--tune_seeds", type=int, nargs="+", default=[0],
                    help="tune: seeds (seed = data_seed = noise_seed) of the held-out runs")
+    p.add_argument("--target_epsilon", type=float, default=8.0, help="tune and test: the privacy budget")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     if a.stage == "tune":
-        tune(a.options, a.lrs, a.out, a.tune_seeds)
+        tune(a.options, a.lrs, a.out, a.tune_seeds, a.target_epsilon)
     elif a.stage == "test":
-        test(a.options, a.lr, a.seeds, a.out)
+        test(a.options, a.lr, a.seeds, a.out, a.target_epsilon)
     table(a.out)
 
 
