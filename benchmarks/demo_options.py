@@ -76,17 +76,24 @@ def add_row(row: dict, path: str = RESULTS) -> None:
             json.dump(data, f, indent=2)
 
 
+def recipe_hyperparameters() -> dict:
+    """The recipe's values for the whole R8 train split at epsilon 8 (expected batch 1088, 20 steps): the budget and
+    split every option is run at unless it sets its own (the demo's own defaults have since moved to 40 steps of 544)."""
+    from hf_drencoder.embedded import load_reuters
+    from hf_drencoder.recipe import suggest_hyperparameters
+
+    return suggest_hyperparameters(len(load_reuters("r8")["train"]), 8.0)
+
+
 def tune(options: list[str], lrs: list[float], path: str, seeds: list[int] = (0,), target_epsilon: float = 8.0) -> None:
     sys.path.insert(0, HERE)
     from demo_recipe import run_one
 
     from hf_drencoder.demo import DEMO_LORA_LAYERS, DEMO_MAX_LENGTH
     from hf_drencoder.embedded import load_reuters, minilm_path
-    from hf_drencoder.recipe import suggest_hyperparameters
 
-    train = load_reuters("r8")["train"]
-    splits = train.train_test_split(test_size=0.15, seed=1234)  # "test" here is the held-out 15% of TRAIN
-    hp = suggest_hyperparameters(len(train), 8.0)
+    splits = load_reuters("r8")["train"].train_test_split(test_size=0.15, seed=1234)  # "test": held-out 15% of TRAIN
+    hp = recipe_hyperparameters()
     for name, lr, seed in itertools.product(options, lrs, seeds):
         r = run_one(splits, minilm_path(), DEMO_MAX_LENGTH, len(DEMO_LORA_LAYERS), lr, hp, target_epsilon, None,
                     clip=0.1, options=OPTIONS[name], seed=seed)
@@ -100,12 +107,9 @@ def test(options: list[str], lr: float | None, seeds: list[int], path: str, targ
     sys.path.insert(0, HERE)
     from demo_utility import run
 
-    # the recipe's batch and steps, as in `tune` (the demo's own defaults have since moved to 40 steps of 544): an
-    # option's own batch and steps come later on the command line and replace them
-    from hf_drencoder.embedded import load_reuters
-    from hf_drencoder.recipe import suggest_hyperparameters
-
-    hp = suggest_hyperparameters(len(load_reuters("r8")["train"]), 8.0)
+    # the recipe's batch and steps, as in `tune`: an option's own batch and steps come later on the command line and
+    # replace them
+    hp = recipe_hyperparameters()
     recipe = cli_args({k: hp[k] for k in ("per_device_train_batch_size", "max_steps")})
     for name in options:
         for seed in seeds:
