@@ -55,10 +55,10 @@ def _ratio(text: str) -> float:
     return float(Fraction(text))
 
 
-# the demo's rate when the frontier was measured (the demo has used 1e-1 since): every committed row without an
+# the demo's rate when the frontier was measured: every committed row without an
 # "lr" of its own was trained at it, so reruns keep it
 FRONTIER_LEARNING_RATE = 5e-2
-# the demo's batch and steps when the frontier was measured (the demo has since moved to 40 steps of 544): pinned so
+# the demo's batch and steps when the frontier was measured (the demo has since moved to 80 steps of 272): pinned so
 # that new rows stay comparable with the recorded ones
 FRONTIER_BATCH, FRONTIER_STEPS = 1088, 20
 
@@ -235,38 +235,79 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _lr(r: dict) -> float:
+    return r.get("lr") or FRONTIER_LEARNING_RATE  # rows without an "lr" of their own ran at the frontier's rate
+
+
 def grouped(rows: list[dict]) -> list[dict]:
     """One entry per (method, ratio, lr) over the seeds: mean, min and max accuracy and macro-F1."""
     groups: dict = {}
     for r in rows:
         if not r["quick"]:
-            groups.setdefault((r["method"], r["ratio"], r.get("lr")), []).append(r)
+            groups.setdefault((r["method"], r["ratio"], _lr(r)), []).append(r)
     out = []
     for (method, ratio, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1][0]["uplink_bytes"])):
         acc, f1 = [r["accuracy"] for r in rs], [r["macro_f1"] for r in rs]
         cos = [r["cosine_lora_mean"] for r in rs if r["cosine_lora_mean"] is not None]
+        seed0 = [r for r in rs if r["seed"] == 0]
         out.append(dict(method=method, ratio=ratio, lr=lr, seeds=sorted(r["seed"] for r in rs),
                         uplink_bytes=rs[0]["uplink_bytes"], uplink_ratio=rs[0]["uplink_ratio"],
                         accuracy=sum(acc) / len(acc), accuracy_min=min(acc), accuracy_max=max(acc),
                         macro_f1=sum(f1) / len(f1), cosine_lora_mean=sum(cos) / len(cos) if cos else None,
+                        seed0=(seed0[0]["accuracy"], seed0[0]["macro_f1"]) if seed0 else None,
                         cosine_per_step=[sum(c) / len(c) for c in zip(*[r["cosine_lora_per_step"] for r in rs])]))
     return out
 
 
+def tuned(rows: list[dict]) -> list[dict]:
+    """One entry per (method, ratio): the rate whose seed-0 run scored best (accuracy, then macro-F1) among the rates
+    tried, with every seed run at that rate. A method run at one rate only keeps it (``rates_tried`` says which)."""
+    by: dict = {}
+    for g in grouped(rows):
+        by.setdefault((g["method"], g["ratio"]), []).append(g)
+    out = []
+    for gs in by.values():
+        with_seed0 = [g for g in gs if g["seed0"] is not None] or gs
+        best = max(with_seed0, key=lambda g: g["seed0"] or (g["accuracy"], g["macro_f1"]))
+        out.append({**best, "rates_tried": sorted(g["lr"] for g in gs)})
+    return out
+
+
+def tuning_markdown(rows: list[dict]) -> str:
+    """Seed 0 at every rate tried, per (method, ratio): where the rates were compared."""
+    grid = sorted({g["lr"] for g in grouped(rows)})
+    lines = ["| method | ratio | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+             "|---|---:|" + "---:|" * len(grid) + "---:|"]
+    best = {(t["method"], t["ratio"]): t["lr"] for t in tuned(rows)}
+    cells: dict = {}
+    for g in grouped(rows):
+        if g["seed0"] is not None:
+            cells.setdefault((g["method"], g["ratio"], g["uplink_bytes"]), {})[g["lr"]] = g["seed0"][0]
+    for (method, ratio, _), by_lr in sorted(cells.items(), key=lambda kv: (-kv[0][2], kv[0][0])):
+        if len(by_lr) < 2:
+            continue
+        name = "-" if ratio is None else f"1/{round(1 / ratio)}"
+        row = [f"**{by_lr[lr]:.3f}**" if lr == best[(method, ratio)] else f"{by_lr[lr]:.3f}" if lr in by_lr else "-"
+               for lr in grid]
+        lines.append(f"| {method} | {name} | " + " | ".join(row) + f" | {best[(method, ratio)]:g} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | ratio | bytes/step | of uncompressed | accuracy (mean, min-max) | macro-F1 | seeds | "
-             "cos(decoded, clean) |", "|---|---:|---:|---:|---|---:|---:|---:|"]
-    groups = grouped(rows)
+    """The frontier at each method's chosen rate (``tuned``): mean over the seeds run at it."""
+    lines = ["| method | ratio | bytes/step | of uncompressed | lr | accuracy (mean, min-max) | macro-F1 | seeds | "
+             "cos(decoded, clean) |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    groups = tuned(rows)
     # against the uncompressed DP-LoRA message of the demo's rank (a lower-rank row's own ratio is against itself)
     ref = max((g["uplink_bytes"] for g in groups if g["method"] == "dp-lora"), default=None)
-    for g in sorted(groups, key=lambda g: -g["uplink_bytes"]):
+    for g in sorted(groups, key=lambda g: (-g["uplink_bytes"], g["method"])):
         g["uplink_ratio"] = g["uplink_bytes"] / ref if ref else g["uplink_ratio"]
         ratio = "-" if g["ratio"] is None else f"1/{round(1 / g['ratio'])}"
         spread = f" ({g['accuracy_min']:.3f}-{g['accuracy_max']:.3f})" if len(g["seeds"]) > 1 else ""
         cos = "-" if g["cosine_lora_mean"] is None else f"{g['cosine_lora_mean']:.3f}"
-        name = g["method"] + (f" lr {g['lr']:g}" if g["lr"] is not None else "")
-        lines.append(f"| {name} | {ratio} | {g['uplink_bytes']:,} | {g['uplink_ratio']:.4f} | {g['accuracy']:.3f}{spread} "
-                     f"| {g['macro_f1']:.3f} | {len(g['seeds'])} | {cos} |")
+        lr = f"{g['lr']:g}" + ("" if len(g["rates_tried"]) > 1 else " (only)")
+        lines.append(f"| {g['method']} | {ratio} | {g['uplink_bytes']:,} | {g['uplink_ratio']:.4f} | {lr} "
+                     f"| {g['accuracy']:.3f}{spread} | {g['macro_f1']:.3f} | {len(g['seeds'])} | {cos} |")
     return "\n".join(lines)
 
 
@@ -281,7 +322,7 @@ def plot(rows: list[dict], path: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _plotting import label_axes
 
-    groups = [g for g in grouped(rows) if g["lr"] is None]
+    groups = tuned(rows)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_method: dict = {}
     for g in groups:
@@ -297,7 +338,7 @@ def plot(rows: list[dict], path: str) -> None:
                     capsize=3, label=method)
     ax.set_xscale("log")
     label_axes(ax, "uplink bytes per step (every byte, head included)", "held-out accuracy",
-               "Accuracy against bytes, epsilon 8 (demo configuration)", ncol=2, loc="upper left")
+               "Accuracy against bytes, epsilon 8 (each method at its chosen lr)", ncol=2, loc="upper left")
     for g in groups:
         if g["method"] in ("dp-lora", "subspace", "top-k", "random-projection", "powersgd", "codec") and g["cosine_per_step"]:
             ratio = "" if g["ratio"] is None else f" 1/{round(1 / g['ratio'])}"
@@ -324,6 +365,8 @@ def main(argv=None) -> None:
     rows = _load(path)
     if a.report:
         print(markdown(rows))
+        print()
+        print(tuning_markdown(rows))
         plot(rows, a.plot)
         print(f"wrote {a.plot}")
         return
