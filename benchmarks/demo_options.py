@@ -18,7 +18,7 @@ expected batch 1088 x 20 steps, constant AdamW, C 0.1, target epsilon 8) with on
 - ``automatic``: ``clipping="automatic"`` (each per-example gradient scaled by C / (norm + 0.01));
 - ``adambc``: ``dp_adam_bias_correction=True`` (DP-AdamBC, gamma' 1e-8).
 
-The demo's own defaults are now FFA-LoRA at 40 steps of 544 (the ``ffa-b544x40`` row); ``tune`` and ``test`` keep the
+The demo's own defaults are now FFA-LoRA at 80 steps of 272 and lr 5e-2 (the ``ffa-b272x80`` row); ``tune`` and ``test`` keep the
 recipe's 20 steps of 1088 for every option that does not set its own, so that the recorded rows stay comparable.
 
 ``--target_epsilon`` (default 8) sets the budget of ``tune`` and ``test`` runs; rows record it.
@@ -78,7 +78,7 @@ def add_row(row: dict, path: str = RESULTS) -> None:
 
 def recipe_hyperparameters() -> dict:
     """The recipe's values for the whole R8 train split at epsilon 8 (expected batch 1088, 20 steps): the budget and
-    split every option is run at unless it sets its own (the demo's own defaults have since moved to 40 steps of 544)."""
+    split every option is run at unless it sets its own (the demo's own defaults have since moved to 80 steps of 272)."""
     from hf_drencoder.embedded import load_reuters
     from hf_drencoder.recipe import suggest_hyperparameters
 

@@ -15,8 +15,7 @@ Protocol (docs/utility.md):
   at every epsilon and without DP, so every method and every epsilon gets the same example budget. Methods:
   ``lora`` (non-private, ``disable_dp``, through the same trainer), ``dp-lora`` (DP-SGD on A and B) and
   ``dp-ffa`` (FFA-LoRA: A frozen, only B and the head released and noised). ``--split 544x40`` spends the same
-  21,760 examples as 40 steps of expected batch 544 (the demo's split) instead, ``--split 272x80`` as 80 steps of
-  272; each split's runs are tuned and reported apart (``split`` in every run and row).
+  21,760 examples as 40 steps of expected batch 544 instead, ``--split 272x80`` as 80 steps of 272 (the demo's split); each split's runs are tuned and reported apart (``split`` in every run and row).
 - **Tuning.** Every method gets the same learning-rate grid, trained on 85% of train
   (``train_test_split(test_size=0.15, seed=1234)``) at epsilon 8 (``lora``: without DP) with seed 0, and scored on
   the other 15%; the rate with the best held-out accuracy (macro-F1 breaks ties) is used at every epsilon. The test
@@ -63,7 +62,7 @@ MODELS = {
     "full": dict(max_length=128, lora_layers=(0, 1, 2, 3, 4, 5)),
 }
 # How the example budget is spent: the recipe's 20 steps of 1088, or the same 21,760 examples as 40 steps of 544 (which
-# scored higher for FFA-LoRA on the held-out split, benchmarks/demo_options.py, and is the demo's default) or 80 of 272
+# scored higher for FFA-LoRA on the held-out split, benchmarks/demo_options.py) or 80 of 272 (higher still: the demo's default)
 SPLITS = {"1088x20": {}, "544x40": dict(per_device_train_batch_size=544, max_steps=40),
           "272x80": dict(per_device_train_batch_size=272, max_steps=80)}
 RECIPE_SPLIT = "1088x20"

@@ -170,8 +170,8 @@ def first_non_finite(tensors) -> int | None:
 
 def noise_to_signal_ratio(noise_multiplier: float, dim: int, expected_batch: float, steps: int) -> float:
     """Norm of the noise summed over the run over the largest possible summed signal, for the released mean:
-    sqrt(T) sigma C sqrt(d) / B against T C. The demo's default (epsilon 8: sigma 0.69, d 15,368, B 544, T 40)
-    is about 0.025; above ``HOPELESS_NOISE_RATIO`` the noise buries any signal the clipped gradients can carry."""
+    sqrt(T) sigma C sqrt(d) / B against T C. The demo's default (epsilon 8: sigma 0.61, d 15,368, B 272, T 80)
+    is about 0.031; above ``HOPELESS_NOISE_RATIO`` the noise buries any signal the clipped gradients can carry."""
     if steps < 1 or expected_batch <= 0:
         return math.inf
     return noise_multiplier * math.sqrt(dim) / (expected_batch * math.sqrt(steps))
