@@ -228,7 +228,7 @@ def run_federated(a) -> None:
         method = "dp-fedavg" if r["epsilon"] is not None else "fedavg"
         if r.get("noise_shares", 1) == 1 and r["epsilon"] is not None:
             method = "dp-fedavg-shares1"
-        add_run(dict(stage="test", setting="federated", model="cut", method=method, target_epsilon=r["epsilon"] and 8.0,
+        add_run(dict(stage="test", setting="federated", model="cut", method=method, target_epsilon=r.get("target_epsilon", r["epsilon"] and 8.0),
                      lr=r["local_lr"], seed=r["seed"], accuracy=r["accuracy"], macro_f1=r["macro_f1"],
                      epsilon=r["epsilon"], delta=r.get("delta"), noise_multiplier=r.get("noise_multiplier"),
                      uplink_bytes=r.get("uplink_bytes_per_party"), parties=r["parties"], per_round=r["per_round"],

@@ -64,6 +64,42 @@ def test_the_simulation_applies_plain_fedavg_with_momentum_0_and_lr_1(tmp_path):
     assert torch.equal(_adapter(sim), start + expected)
 
 
+def test_linear_server_lr_schedule_decays_from_lr_to_lr_over_rounds():
+    opt = ServerOptimizer("fedavg", lr=2.0, schedule="linear", num_rounds=4)
+    assert [opt.lr_at(t) for t in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.5, 0.5]  # past the plan: stays at lr / R
+    x, d = torch.tensor([1.0, -1.0]), torch.tensor([0.25, 0.5])
+    assert torch.equal(opt.step(x, d, 0), x + 2.0 * d) and torch.equal(opt.step(x, d, 3), x + 0.5 * d)
+    with pytest.raises(ValueError, match="round index"):
+        opt.step(x, d)
+    # a stateful optimizer takes the round's rate too: FedAvgM b <- mu b + d, x <- x + lr_t b
+    m = ServerOptimizer("fedavg", lr=1.0, momentum=0.5, schedule="linear", num_rounds=2)
+    y1 = m.step(x, d, 0)
+    y2 = m.step(y1, d, 1)
+    torch.testing.assert_close(y1, x + d)
+    torch.testing.assert_close(y2, y1 + 0.5 * (0.5 * d + d))
+    assert ServerOptimizer("fedavg", lr=2.0).lr_at(7) == 2.0
+    with pytest.raises(ValueError, match="planned number of rounds"):
+        ServerOptimizer("fedavg", schedule="linear")
+
+
+def test_the_simulation_decays_the_server_lr_by_round(tmp_path):
+    """Round 2 of 2 under the linear schedule moves the adapter by lr / 2 times its aggregate, and the history
+    records each round's rate."""
+    sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48),
+                              fed_args(tmp_path, num_rounds=2, eval_every=0, server_learning_rate=3.0,
+                                       server_lr_schedule="linear", **NO_DP))
+    sim.run_round()
+    before = _adapter(sim)
+    parties = sim.server.sample_parties(1)
+    assert parties
+    expected = sim.server.aggregate_round([sim.party_step(p, 1) for p in parties], 1)
+    record = sim.run_round()
+    torch.testing.assert_close(_adapter(sim), before + 1.5 * expected)
+    assert record["server_learning_rate"] == 1.5 and sim.history[0]["server_learning_rate"] == 3.0
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        fed_args(tmp_path, server_lr_schedule="cosine")
+
+
 def _fedadam(tmp_path, folder, **kw):
     args = fed_args(tmp_path / folder, eval_every=0, server_optimizer="fedadam", server_learning_rate=0.05, seed=0,
                     **NO_DP, **kw)
@@ -85,6 +121,9 @@ def test_resume_keeps_the_server_optimizer_state(tmp_path):
                                 fed_args(tmp_path / "other", num_rounds=3, eval_every=0, resume_from_checkpoint=state, **NO_DP))
     with pytest.raises(ValueError, match="server_optimizer"):
         other.run()
+    decayed = _fedadam(tmp_path, "decayed", num_rounds=3, resume_from_checkpoint=state, server_lr_schedule="linear")
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        decayed.run()
     assert whole.server_optimizer.describe()["server_tau"] == 1e-3
 
 

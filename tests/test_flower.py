@@ -184,6 +184,16 @@ def test_a_party_that_goes_away_is_left_out_and_the_round_still_counts(tmp_path)
     torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_strategy_follows_the_server_lr_schedule_as_the_simulation_does(tmp_path):
+    kw = dict(parties_per_round=4, num_rounds=2, server_learning_rate=2.0)  # q = 1: everyone, every round
+    strategy, final, _ = run_strategy(fed_args(tmp_path, server_lr_schedule="linear", **kw))
+    _, expected = run_simulation(fed_args(tmp_path, server_lr_schedule="linear", **kw))
+    _, constant = run_simulation(fed_args(tmp_path, **kw))
+    assert [h["server_learning_rate"] for h in strategy.history] == [2.0, 1.0]
+    torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(final, constant, rtol=1e-3, atol=1e-4)
+
+
 def test_strategy_stops_at_the_budget(tmp_path):
     args = fed_args(tmp_path, noise_multiplier=None, target_epsilon=3.0, num_rounds=4, parties_per_round=4)
     strategy = ClientLevelDPStrategy(args, LoraLayout.from_model(lora(model_fn())))

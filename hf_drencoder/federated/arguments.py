@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..privacy.accounting import ACCOUNTANTS, check_accountant
 from .partition import PARTITIONS
-from .server_optimizer import SERVER_OPTIMIZERS
+from .server_optimizer import SERVER_LR_SCHEDULES, SERVER_OPTIMIZERS
 
 PARTY_SAMPLING = ("poisson", "fixed")
 NOISE_CALIBRATIONS = ("distributed", "local")
@@ -55,6 +55,7 @@ class FederatedArguments:
         server_optimizer: how the decoded aggregate update moves the global adapter: ``fedavg`` (``+=
             server_learning_rate x update``, with ``server_momentum`` for FedAvgM) or ``fedadam`` (Adam on the
             pseudo-gradient ``-update`` with ``server_beta1``, ``server_beta2`` and ``server_tau`` as Adam's eps).
+            ``server_lr_schedule="linear"`` decays the server learning rate over the planned rounds.
             It reads only the released aggregate: post-processing, no privacy cost.
     """
 
@@ -77,6 +78,7 @@ class FederatedArguments:
     server_optimizer: str = field(default="fedavg", metadata={"help": "How the decoded aggregate update moves the global adapter: fedavg (x += lr * update, with optional server_momentum) or fedadam (server-side Adam on the pseudo-gradient -update, Reddi et al.). Post-processing of the released aggregate: no privacy cost.", "choices": list(SERVER_OPTIMIZERS)})
     server_learning_rate: float | None = field(default=None, metadata={"help": "Server learning rate. Default: 1 for fedavg, 0.01 for fedadam."})
     server_momentum: float = field(default=0.0, metadata={"help": "Server momentum of fedavg (FedAvgM); 0 is plain FedAvg."})
+    server_lr_schedule: str = field(default="constant", metadata={"help": "Server learning rate over the planned rounds: constant, or linear (from server_learning_rate in the first round to server_learning_rate / num_rounds in the last). Post-processing: no privacy cost.", "choices": list(SERVER_LR_SCHEDULES)})
     server_beta1: float = field(default=0.9, metadata={"help": "fedadam: decay of the first moment."})
     server_beta2: float = field(default=0.99, metadata={"help": "fedadam: decay of the second moment."})
     server_tau: float = field(default=1e-3, metadata={"help": "fedadam: adaptivity constant tau (Adam's eps)."})
@@ -190,6 +192,8 @@ class FederatedArguments:
             raise ValueError(f"server_learning_rate={self.server_learning_rate} must be a positive finite number")
         if not (0 <= self.server_momentum < 1):
             raise ValueError(f"server_momentum={self.server_momentum} must be in [0, 1)")
+        if self.server_lr_schedule not in SERVER_LR_SCHEDULES:
+            raise ValueError(f"server_lr_schedule={self.server_lr_schedule!r} is unknown: choose one of {', '.join(SERVER_LR_SCHEDULES)}")
         if self.server_optimizer == "fedadam":
             if self.server_momentum:
                 raise ValueError("server_momentum is fedavg's: fedadam's momentum is server_beta1. Set server_momentum=0")

@@ -78,6 +78,7 @@ class FederationCheckpointMixin:
         mine, saved = self._fingerprint(), state["fingerprint"]
         # states written before these options existed
         saved = {"noise_calibration": "distributed", "server_optimizer": "fedavg", "server_momentum": 0.0, "noise_shares": 1,
+                 "server_lr_schedule": "constant",
                  "lora_freeze_a": False, **saved}
         if "server_learning_rate" not in saved:
             saved["server_learning_rate"] = mine["server_learning_rate"]

@@ -194,7 +194,7 @@ class ClientLevelDPStrategy(Strategy):
             messages.append(message)
         failed += [i for n, i in self._sent.items() if n not in seen]  # no answer within round_timeout
         update = self.server.aggregate_round(messages, self.round)
-        new_global = self.server_optimizer.step(self._global, update)
+        new_global = self.server_optimizer.step(self._global, update, self.round)
         for m in messages:
             self.participation[m.party_id] += 1
         self.round += 1
@@ -203,7 +203,8 @@ class ClientLevelDPStrategy(Strategy):
             "stage": "train", "round": self.round, "parties": list(self._sampled),
             "received": [m.party_id for m in messages], "failed": sorted(failed), "num_received": len(messages),
             "uplink_bytes": sum(m.num_bytes for m in messages), "uplink_bytes_per_party": self.server.message_bytes,
-            "downlink_bytes_per_party": 4 * self.layout.dim, "update_norm": float(update.norm()), **metrics,
+            "downlink_bytes_per_party": 4 * self.layout.dim, "update_norm": float(update.norm()),
+            "server_learning_rate": self.server_optimizer.lr_at(self.round - 1), **metrics,
             "epsilon_server_view": self.server_view_bound(), "epsilon_server_view_busiest": self.server_view_epsilon(),
             "round_time_s": time.perf_counter() - self._t0,
         }

@@ -8,6 +8,10 @@ Federated Optimization", ICLR 2021):
     fedavg + momentum mu   b <- mu * b + Delta;  x <- x + lr * b      (FedAvgM: torch.optim.SGD)
     fedadam                torch.optim.Adam(lr, betas=(beta1, beta2), eps=tau) on the gradient -Delta
 
+The learning rate of round t (0-based) of R planned rounds follows ``schedule``: ``constant`` (lr every round) or
+``linear`` (lr * (R - t) / R: lr in the first round, lr / R in the last), the decay that DP training favours because
+the noise of the last rounds is what stays in the final adapter.
+
 Under DP this is post-processing: the optimizer reads only the released aggregates, so it costs no privacy and
 the accounting does not change. Its state (momentum buffer, Adam moments and step) is part of a federation
 state, so a resumed run continues with it.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+SERVER_LR_SCHEDULES = ("constant", "linear")
 STATE_PREFIX = "server_optimizer."
 
 
@@ -29,11 +34,20 @@ class ServerOptimizer:
         lr: the server learning rate.
         momentum: FedAvg's server momentum (0: plain FedAvg, ``x + lr * Delta``).
         betas, tau: FedAdam's moment decays and its adaptivity constant (Adam's ``eps``).
+        schedule: ``"constant"`` or ``"linear"`` (decay from ``lr`` to ``lr / num_rounds`` over the planned rounds).
+        num_rounds: the planned rounds R (needed by ``"linear"``).
     """
 
-    def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.99), tau: float = 1e-3):
+    def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.99), tau: float = 1e-3,
+                 schedule: str = "constant", num_rounds: int | None = None):
         if kind not in SERVER_OPTIMIZERS:
             raise ValueError(f"server_optimizer={kind!r} is unknown: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        if schedule not in SERVER_LR_SCHEDULES:
+            raise ValueError(f"server_lr_schedule={schedule!r} is unknown: choose one of {', '.join(SERVER_LR_SCHEDULES)}")
+        if schedule != "constant" and not (num_rounds is not None and num_rounds >= 1):
+            raise ValueError(f"server_lr_schedule={schedule!r} needs the planned number of rounds (num_rounds >= 1)")
+        self.schedule = schedule
+        self.num_rounds = num_rounds
         self.kind = kind
         self.lr = float(lr)
         self.momentum = float(momentum)
@@ -45,7 +59,14 @@ class ServerOptimizer:
     @classmethod
     def from_args(cls, args) -> "ServerOptimizer":
         return cls(args.server_optimizer, args.server_learning_rate, args.server_momentum,
-                   (args.server_beta1, args.server_beta2), args.server_tau)
+                   (args.server_beta1, args.server_beta2), args.server_tau, args.server_lr_schedule, args.num_rounds)
+
+    def lr_at(self, round_index: int) -> float:
+        """The learning rate of round ``round_index`` (0-based). Past the planned rounds (a run extended on resume)
+        the linear schedule stays at its last value, ``lr / num_rounds``."""
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * max(1, self.num_rounds - round_index) / self.num_rounds
 
     @property
     def is_plain_fedavg(self) -> bool:
@@ -58,14 +79,20 @@ class ServerOptimizer:
         else:
             self._opt = torch.optim.SGD([self._param], lr=self.lr, momentum=self.momentum, foreach=False)
 
-    def step(self, current: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """The new flat global adapter from the current one and the round's decoded update."""
+    def step(self, current: torch.Tensor, update: torch.Tensor, round_index: int | None = None) -> torch.Tensor:
+        """The new flat global adapter from the current one and the decoded update of round ``round_index``
+        (0-based; needed unless the schedule is constant)."""
+        if round_index is None and self.schedule != "constant":
+            raise ValueError(f"server_lr_schedule={self.schedule!r}: step needs the round index")
+        lr = self.lr_at(round_index or 0)
         current = current.detach().float()
         update = update.detach().float().reshape(current.shape)
         if self.is_plain_fedavg:
-            return current + self.lr * update  # stateless: exactly the FedAvg step
+            return current + lr * update  # stateless: exactly the FedAvg step
         if self._param is None:
             self._build(current.numel())
+        for group in self._opt.param_groups:
+            group["lr"] = lr
         with torch.no_grad():
             self._param.copy_(current)
         self._param.grad = -update
@@ -92,7 +119,7 @@ class ServerOptimizer:
         self._opt.load_state_dict(saved)
 
     def describe(self) -> dict:
-        out = {"server_optimizer": self.kind, "server_learning_rate": self.lr}
+        out = {"server_optimizer": self.kind, "server_learning_rate": self.lr, "server_lr_schedule": self.schedule}
         if self.kind == "fedavg":
             out["server_momentum"] = self.momentum
         else:
@@ -100,4 +127,4 @@ class ServerOptimizer:
         return out
 
 
-__all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer"]
+__all__ = ["SERVER_LR_SCHEDULES", "SERVER_OPTIMIZERS", "ServerOptimizer"]

@@ -222,7 +222,7 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
                     code = log_party_failure(pid, f"round {r + 1}", e)  # the full text: the party's log only
                     logger.warning("round %d: party %d is left out (%s)", r + 1, pid, code)
         update = self.server.aggregate_round(messages, r)
-        self._set_global(self.server_optimizer.step(self._global_flat(), update))
+        self._set_global(self.server_optimizer.step(self._global_flat(), update, r))
         for m in messages:
             self.participation[m.party_id] += 1
         self.round += 1
@@ -230,6 +230,7 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
             "stage": "train", "round": self.round, "parties": sampled, "received": [m.party_id for m in messages],
             "failed": failed, "num_received": len(messages), "uplink_bytes": sum(m.num_bytes for m in messages),
             "uplink_bytes_per_party": self.server.message_bytes, "update_norm": float(update.norm()),
+            "server_learning_rate": self.server_optimizer.lr_at(r),
             **self.ledger.metrics(), "epsilon_server_view": self.server_view_bound(),
             "epsilon_server_view_busiest": self.server_view_epsilon(),
         }
