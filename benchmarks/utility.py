@@ -56,6 +56,9 @@ METHODS = {
     "lora": dict(private=False, lora_freeze_a=False),
     "dp-lora": dict(lora_freeze_a=False),
     "dp-ffa": dict(lora_freeze_a=True),
+    # FFA-LoRA at a lower rank (alpha / r = 2, as at r 8): fewer released coordinates, less noise per step
+    "dp-ffa-r2": dict(lora_freeze_a=True, default_lora_r=2, default_lora_alpha=4),
+    "dp-ffa-r4": dict(lora_freeze_a=True, default_lora_r=4, default_lora_alpha=8),
 }
 MODELS = {
     "cut": dict(max_length=32, lora_layers=(4, 5)),
@@ -152,9 +155,10 @@ def train_eval(model: str, method: str, epsilon: float | None, lr: float, seed: 
         args = DRTrainingArguments(
             output_dir=out, seed=seed, data_seed=seed, noise_seed=1000 + seed if stage == "test" else seed,
             per_sample_max_grad_norm=CLIP, logging_steps=5, save_strategy="no", eval_strategy="no",
-            per_device_eval_batch_size=128, report_to="none", disable_tqdm=True, default_lora_r=8, default_lora_alpha=16,
+            per_device_eval_batch_size=128, report_to="none", disable_tqdm=True,
             default_lora_target_modules=[f"layer.{i}.attention.self.{m}" for i in layers for m in ("query", "value")],
-            **({"target_epsilon": epsilon} if private else {"disable_dp": True}), **hp, **spec)
+            **({"target_epsilon": epsilon} if private else {"disable_dp": True}), **hp,
+            **{"default_lora_r": 8, "default_lora_alpha": 16, **spec})
         trainer = DRTrainer(model=net, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, compute_metrics=classification_compute_metrics())
         trainer.train()
