@@ -64,6 +64,9 @@ BASE = dict(parties=100, per_round=10, partition="dirichlet", alpha=0.5, rounds=
 POPULATION = dict(parties=1000, per_round=100, partition="dirichlet_equal_size", epsilon=8.0, rounds=20, local_steps=5,
                   noise_shares=100, server_lr=5.0)
 POPULATION_FINAL = dict(POPULATION, lora_r=2, rounds=40)
+# central DP training as a federation: one SGD step per party on all its rows (lr 1: its gradient), Adam at the server
+FEDSGD = dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
+              server_lr=5e-2)
 
 
 def _row(name, **kw):
@@ -131,44 +134,35 @@ PLANS = {
         # last rounds, which the final adapter keeps, is scaled down; from 5 (mean rate 2.6) and from 10 (5.3)
         *[_row(f"population-tune-slr{lr:g}-linear-r2", split="tune", parallel_parties=30,
                **dict(POPULATION, lora_r=2, server_lr=lr, server_lr_schedule="linear")) for lr in (5.0, 10.0)],
-        # central DP training as a federation: each party sends one SGD step on all its rows (its clipped gradient,
-        # lr 1), and the server runs Adam on the noised mean (FedAdam), as central DP-Adam does on a noised batch
-        # gradient; local AdamW instead moves every coordinate by about its lr whatever the gradient, so the mean of
+        # FEDSGD: each party sends one SGD step on all its rows (its clipped gradient), and the server runs Adam on
+        # the noised mean (FedAdam), as central DP-Adam does on a noised batch gradient; local AdamW instead moves every coordinate by about its lr whatever the gradient, so the mean of
         # 100 parties' updates is closer to a vote than to the population's gradient
         *[_row(f"population-tune-fedsgd-fedadam{lr:g}-r2", split="tune", parallel_parties=30,
-               **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                      server_lr=lr)) for lr in (2e-2, 5e-2)],
+               **dict(FEDSGD, server_lr=lr)) for lr in (2e-2, 5e-2)],
         # the same over 80 rounds (the central recipe's 80 steps; epsilon 8 over all of them)
         *[_row(f"population-tune-fedsgd-fedadam{lr:g}-r2-r80", split="tune", parallel_parties=30,
-               **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                      server_lr=lr, rounds=80)) for lr in (5e-2, 1e-1)],
+               **dict(FEDSGD, server_lr=lr, rounds=80)) for lr in (5e-2, 1e-1)],
         # a party's gradient shrinks as the loss falls while the noise stays at sigma C: a smaller C keeps more
         # of the gradients clipped, so their mean keeps its size against the noise (Adam does not see the scale)
         *[_row(f"population-tune-fedsgd-fedadam0.05-r2-c{c:g}", split="tune", parallel_parties=30,
-               **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                      server_lr=5e-2, clip=c)) for c in (0.3, 0.1)],
+               **dict(FEDSGD, clip=c)) for c in (0.3, 0.1)],
         # ... but FedAdam's tau (1e-3) is then close to the noise per coordinate (0.0082 C), which shrinks its steps:
         # the same with tau scaled with C, so that only the clipping differs
         *[_row(f"population-tune-fedsgd-fedadam0.05-r2-c{c:g}-tau{c * 1e-3:g}", split="tune", parallel_parties=30,
-               **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                      server_lr=5e-2, clip=c, server_tau=c * 1e-3)) for c in (0.3, 0.1)],
+               **dict(FEDSGD, clip=c, server_tau=c * 1e-3)) for c in (0.3, 0.1)],
         # the ceiling of that training: the same without DP
         _row("population-tune-fedsgd-fedadam0.05-r2-nodp", split="tune", parallel_parties=30,
-             **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                    server_lr=5e-2, epsilon=None)),
+             **dict(FEDSGD, epsilon=None)),
         # FFA-LoRA (A frozen), as in central training, where it beats A trained: r 2 (6,152 coordinates with the head)
         # and r 8 (15,368: the central configuration)
         *[_row(f"population-tune-fedsgd-fedadam0.05-ffa-r{r}", split="tune", parallel_parties=30, ffa=True,
-               **dict(POPULATION, lora_r=r, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                      server_lr=5e-2)) for r in (2, 8)],
+               **dict(FEDSGD, lora_r=r)) for r in (2, 8)],
         _row("population-tune-fedsgd-fedadam0.05-r8", split="tune", parallel_parties=30,
-             **dict(POPULATION, lora_r=8, local_optimizer="sgd", local_lr=1.0, local_steps=1, server_optimizer="fedadam",
-                    server_lr=5e-2)),
+             **dict(FEDSGD, lora_r=8)),
         # FedAdam's first moment averages the noise of about 1/(1 - beta1) rounds: 0.9 (its default) against 0.97;
         # and, as a diagnostic, moving averages of the global adapter scored at the end (IterateAverages), 80 rounds
         *[_row(f"population-tune-fedsgd-fedadam0.05-b{b1:g}-r2-r80-ema", split="tune", parallel_parties=30,
-               ema=(0.8, 0.9, 0.95), **dict(POPULATION, lora_r=2, local_optimizer="sgd", local_lr=1.0, local_steps=1,
-                                             server_optimizer="fedadam", server_lr=5e-2, server_beta1=b1, rounds=80))
+               ema=(0.8, 0.9, 0.95), **dict(FEDSGD, server_beta1=b1, rounds=80))
           for b1 in (0.9, 0.97)],
         # the test rows: the tune row with the best held-out accuracy (LoRA r 2, 40 rounds)
         *[_row(f"population-eps8-s{s}", seed=s, **POPULATION_FINAL) for s in (0, 1, 2)],
@@ -314,14 +308,7 @@ def run_row(spec: dict) -> dict:
             kw["noise_shares"] = spec["noise_shares"]
         if spec["server_optimizer"] != "fedavg":
             kw["server_optimizer"] = spec["server_optimizer"]
-        if spec.get("server_momentum"):
-            kw["server_momentum"] = spec["server_momentum"]
-        if spec.get("server_tau") is not None:
-            kw["server_tau"] = spec["server_tau"]
-        if spec.get("server_beta1") is not None:
-            kw["server_beta1"] = spec["server_beta1"]
-        if spec.get("server_lr_schedule", "constant") != "constant":
-            kw["server_lr_schedule"] = spec["server_lr_schedule"]
+        kw.update({k: spec[k] for k in ("server_momentum", "server_tau", "server_beta1", "server_lr_schedule") if k in spec})
         if spec["epsilon"] is None:
             kw["disable_dp"] = True
         else:
@@ -394,8 +381,21 @@ def table(rows) -> str:
         lines.append(
             f"{r['name']:24s} {r['split']:5s} {local:15s} {server:14s} {_fmt(r['epsilon'], '.2f'):>5s} {r['rounds_run']:>6d} "
             f"{_fmt(e10 and e10['accuracy']):>7s} {_fmt(e10 and e10['macro_f1']):>7s} {_fmt(e20 and e20['accuracy']):>7s} "
-            f"{_fmt(e20 and e20['macro_f1']):>7s} {r.get('uplink_bytes_per_party') or '-':>11} {r['wall_s']:>7.0f}")
+            f"{_fmt(e20 and e20['macro_f1']):>7s} {r.get('uplink_bytes_per_party') or '-':>11} {r['wall_s']:>7.0f}"
+            + _diagnostics(r))
     return "\n".join(lines)
+
+
+def _diagnostics(r) -> str:
+    """The benchmark's diagnostics of a row, where it has them: the applied update's cosine with the clean mean in
+    round 1 and averaged over the later rounds (AggregateCosine), and the accuracy of each moving average of the
+    iterates (IterateAverages)."""
+    out, cos = "", r.get("cosine_per_round") or []
+    if len(cos) > 1:
+        out += f"  cos {cos[0]:.2f} then {sum(cos[1:]) / len(cos[1:]):.3f}"
+    if isinstance(r.get("ema"), dict):
+        out += "  ema " + " ".join(f"{d}:{m['accuracy']:.4f}" for d, m in r["ema"].items())
+    return out
 
 
 def seed_group(name: str) -> str:
