@@ -24,7 +24,7 @@ Protocol (docs/utility.md):
   ``noise_seed`` = 1000 + seed, so methods with the same seed share batches and noise draws); accuracy and
   macro-F1 on all 2,189 test documents.
 - **Federated** rows are the population-scale rows of ``benchmarks/federated_defaults.py --plan population``
-  (1,000 parties of 5-6 rows, ~100 per round, 20 rounds, ``noise_shares=100``), read from its results file: that
+  (1,000 parties of 5-6 rows, ~100 per round, 40 rounds, ``noise_shares=100``), read from its results file: that
   script runs them.
 
 ``--model cut`` (the default, what 2 CPU cores train in minutes) is the demo's model: 32 tokens, LoRA r 8 on query

@@ -1,0 +1,44 @@
+"""benchmarks/utility.py files the federated population runs under the epsilon each was calibrated for."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def utility(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import utility
+
+    monkeypatch.setattr(utility, "results_path", lambda quick: str(tmp_path / "utility.json"))
+    return utility
+
+
+def _population_row(name, target, spent, seed=0, noise_shares=100):
+    return dict(name=name, split="test", epsilon=spent, target_epsilon=target, seed=seed, local_lr=5e-3,
+                accuracy=0.8, macro_f1=0.3, delta=1e-3, noise_multiplier=1.0, uplink_bytes_per_party=100,
+                parties=1000, per_round=100, rounds_run=40, noise_shares=noise_shares, example_visits=1000,
+                wall_s=1.0)
+
+
+def test_federated_rows_keep_their_target_epsilon(utility, tmp_path):
+    rows = [_population_row("population-eps1-s0", 1.0, 0.99), _population_row("population-eps3-s1", 3.0, 2.98, seed=1),
+            _population_row("population-eps8-s0", 8.0, 7.97), _population_row("population-nodp-s0", None, None),
+            _population_row("population-eps8-shares1-s0", 8.0, 7.97, noise_shares=1),
+            dict(_population_row("population-tune-slr5", 8.0, 7.9), split="tune")]
+    results = tmp_path / "federated_defaults.json"
+    results.write_text(json.dumps({"rows": rows}))
+    utility.run_federated(argparse.Namespace(quick=False, federated_results=str(results)))
+    runs = {r["source"]: r for r in utility.load(str(tmp_path / "utility.json"))["runs"]}
+    assert set(runs) == {"population-eps1-s0", "population-eps3-s1", "population-eps8-s0", "population-nodp-s0",
+                         "population-eps8-shares1-s0"}  # the held-out tuning row is not a result
+    assert runs["population-eps1-s0"]["target_epsilon"] == 1.0
+    assert runs["population-eps3-s1"]["target_epsilon"] == 3.0 and runs["population-eps3-s1"]["seed"] == 1
+    assert runs["population-eps8-s0"]["target_epsilon"] == 8.0
+    assert runs["population-nodp-s0"]["target_epsilon"] is None and runs["population-nodp-s0"]["method"] == "fedavg"
+    assert runs["population-eps8-s0"]["method"] == "dp-fedavg"
+    assert runs["population-eps8-shares1-s0"]["method"] == "dp-fedavg-shares1"
