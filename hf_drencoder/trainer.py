@@ -9,7 +9,8 @@ One private optimizer step (DESIGN.md section 2) is `hf_drencoder.private_step.P
 `PrivateTrainerMixin` puts it into any ``Trainer`` subclass through the hooks it overrides: ``__init__`` (LoRA,
 arguments, refusals), ``get_train_dataloader`` (Poisson batches), ``train`` (ledger, checks, codec, calibration),
 ``training_step`` (the private step), ``log`` (epsilon in every log) and saving (trainer_hub.py). The checks are
-in trainer_checks.py, the codec set-up in trainer_codec.py, the Poisson batches in trainer_sampling.py. Everything happens inside ``training_step``, so that
+in trainer_checks.py, the codec set-up in trainer_codec.py, the Poisson batches in trainer_sampling.py, the logs and
+the privacy report in trainer_reporting.py. Everything happens inside ``training_step``, so that
 nothing Trainer does after it (``grad_norm`` logging, callbacks, the optimizer) sees an un-noised gradient.
 """
 
@@ -27,8 +28,8 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import SWAP_IN_DEFAULTS, DRArgumentsMixin, DRTrainingArguments
-from .callbacks import PrivacyCallback, load_privacy_state
+from .arguments import DRArgumentsMixin, DRTrainingArguments
+from .callbacks import load_privacy_state
 from .distributed import sum_over_processes
 from .lora import trainable_adapter_parameters, wrap_with_lora
 from .losses import base_model_of, infer_task, per_sample_losses
@@ -45,12 +46,13 @@ from .trainer_codec import _CodecMixin
 from .trainer_hub import _HubMixin
 from .trainer_models import bind_trainer_arguments, load_named_model
 from .trainer_options import _OptionsMixin
+from .trainer_reporting import _ReportingMixin
 from .trainer_sampling import _SamplingMixin
 
 logger = logging.getLogger(__name__)
 
 
-class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin, _SamplingMixin):
+class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin, _SamplingMixin, _ReportingMixin):
     """Differentially private LoRA training for a ``Trainer`` class: put it first among the bases, or use
     `make_private`.
 
@@ -263,44 +265,6 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
         finally:
             self._stop_mechanism()
 
-    def _install_privacy_callback(self, planned: int) -> None:
-        for cb in list(self.callback_handler.callbacks):
-            if isinstance(cb, PrivacyCallback):
-                self.callback_handler.remove_callback(cb)
-        # First in the list, so that its budget stop is seen before any other callback acts on the step.
-        self.callback_handler.callbacks.insert(0, PrivacyCallback(self.ledger, planned))
-
-    def _log_privacy_parameters(self, n: int, planned: int) -> None:
-        if not self.dp_enabled:
-            logger.warning("DRTrainer: disable_dp=True, training WITHOUT differential privacy (epsilon = inf).")
-            return
-        name = type(self).__name__
-        env = getattr(self.args, "_privacy_from_environment", None) or {}
-        swapped = {k: v for k, v in SWAP_IN_DEFAULTS.items() if k not in env and getattr(self.args, k) == v}
-        prefix = (
-            f"{name} got a plain {self._swap_in} and added the privacy settings"
-            + (f" (defaults: {', '.join(f'{k}={v}' for k, v in swapped.items())})" if swapped else "") + ". "
-            if self._swap_in else f"{name}: "
-        )
-        if env:
-            prefix += "From the environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) + ". "
-        if self._wrapped_plain_model:
-            cfg = self.model.peft_config["default"]
-            prefix += (
-                f"The model is not a PeftModel: training a LoRA adapter (r={cfg.r}, target modules "
-                f"{sorted(cfg.target_modules or [])}) instead of the full model. "
-            )
-        logger.warning(
-            "%sprivacy in force: unit=%s, N=%d, expected batch=%d, sample_rate=%.5g, noise_multiplier=%.4g, "
-            "per_sample_max_grad_norm=%g, clipping=%s, delta=%.3g, accountant=%s, target_epsilon=%s, planned steps=%d, "
-            "budget lasts %s steps; %s.",
-            prefix, self.ledger.unit, n, self.expected_batch_size, self.ledger.sample_rate, self.ledger.noise_multiplier,
-            self.ledger.max_grad_norm, self.args.clipping, self.ledger.delta, self.args.accountant,
-            self.args.target_epsilon, planned,
-            self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded",
-            self._options_in_force(),
-        )
-
     def _start_mechanism(self, resumed_step: int) -> None:
         params = [p for _, p in trainable_adapter_parameters(self.model)]
         seed = self._noise_seed
@@ -380,33 +344,6 @@ class PrivateTrainerMixin(_OptionsMixin, _PreflightMixin, _CodecMixin, _HubMixin
     def _get_num_items_in_batch(self, batch_samples, device):
         # The per-example loss does not use Trainer's token count, and an empty Poisson micro-batch has no labels.
         return None
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.ledger is not None:
-            logs.update(self.ledger.metrics())
-            logs["uplink_bytes"] = self.uplink_bytes
-            logs["uplink_ratio"] = self.uplink_ratio
-        super().log(logs, *args, **kwargs)
-
-    def privacy_report(self) -> dict:
-        """epsilon per accountant, delta, noise multiplier, sample rate, steps, clipping norm and privacy unit."""
-        if self.ledger is None:
-            raise RuntimeError("privacy_report() is available once train() has started")
-        report = self.ledger.report()
-        report["clipping"] = self.args.clipping
-        report.update(self._options_report())
-        report["expected_batch_size"] = self.expected_batch_size
-        report["uplink_bytes"] = self.uplink_bytes
-        report["uplink_ratio"] = self.uplink_ratio
-        report["noise_space"] = self.args.noise_space if self.codec is not None else None
-        report["noise_seeded"] = self._noise_seed is not None
-        if self.codec is not None:
-            report["codec_latent_ratio"] = self.codec.latent_ratio
-            report["codec_latent_dim"] = self.codec.latent_dim
-            report["codec_prior"] = self.codec.prior_kind
-            report["codec_stage1_privacy"] = self.codec.stage1_privacy
-        return report
-
 
 class DRTrainer(PrivateTrainerMixin, Trainer):
     """A drop-in ``Trainer`` that trains LoRA adapters with differential privacy (DP-SGD on the adapter).
