@@ -20,7 +20,8 @@ with PRV at delta 1/N), trained on 85% of the R8 TRAIN split and scored on the h
   (PowerSGD rank 1, its bytes fixed by the rank), the head sent raw; ``random-projection-all``, ``top-k-all``: the
   same with the head coded in the one vector (``raw_head=False``), for a total byte budget;
 - ``subspace-raw-head``: the subspace codec with the head sent raw, at the baselines' bytes; ``subspace-head50``: half
-  of the same total budget to the head (``head_share=0.5``).
+  of the same total budget to the head (``head_share=0.5``); ``subspace-raw-head-r1``, ``-r2``, ``-r4``: the same codec on
+  a lower-rank adapter (at ratio 1/8, 1/16 and 1/32 they send as many bytes as ``subspace-raw-head`` at 1/64).
 
 The uplink bytes are every byte that leaves the party per step, the head (sent raw in fp32) included. As a diagnostic
 each step records the cosine between the gradient the optimizer receives (decoded) and the clean aggregate (the sum
@@ -45,14 +46,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "subspace", "subspace-raw-head", "subspace-head50", "subspace-gradient",
-           "codec", "codec-paper", "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
+METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "subspace", "subspace-raw-head", "subspace-raw-head-r1",
+           "subspace-raw-head-r2", "subspace-raw-head-r4", "subspace-head50", "subspace-gradient", "codec", "codec-paper", "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
 BASELINE_METHODS = ("random-projection", "top-k", "powersgd", "random-projection-all", "top-k-all")
 RATIO_FREE = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "powersgd")  # their bytes do not follow --ratios
 
 
 def _ratio(text: str) -> float:
     return float(Fraction(text))
+
+
+def _rank(method: str) -> tuple[str, int | None]:
+    """``"dp-lora-r2"`` -> ``("dp-lora", 2)``: the method and the LoRA rank it runs at (None: the demo's)."""
+    head, _, tail = method.rpartition("-r")
+    return (head, int(tail)) if head and tail.isdigit() else (method, None)
 
 
 # the demo's rate when the frontier was measured: every committed row without an
@@ -72,8 +79,8 @@ def _args(out: str, method: str, ratio: float, seed: int, quick: bool):
           "per_device_train_batch_size": FRONTIER_BATCH, "max_steps": FRONTIER_STEPS}
     if quick:
         kw.update(per_device_train_batch_size=64, max_physical_batch_size=64, max_steps=3)
-    if method.startswith("dp-lora-r"):
-        r = int(method.rsplit("r", 1)[1])
+    method, r = _rank(method)
+    if r is not None:
         kw.update(default_lora_r=r, default_lora_alpha=2 * r)  # alpha / r = 2, as at r 8
     if method.startswith("subspace"):
         kw.update(codec="subspace", codec_latent_ratio=ratio,  # subspace-raw-head: the object replaces it
@@ -155,10 +162,10 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
             # the trainer has wrapped the model in LoRA: the baseline is made for that layout (no prior, no data)
             trainer._codec_spec = make_baseline(method.removesuffix("-all"), trainer.model, ratio, seed=seed,
                                                 raw_head=not method.endswith("-all"))
-        if method in ("subspace-raw-head", "subspace-head50"):
+        if _rank(method)[0] in ("subspace-raw-head", "subspace-head50"):
             trainer._codec_spec = SubspaceCodec.for_model(
                 trainer.model, ratio, seed=seed,
-                **(dict(head="raw") if method == "subspace-raw-head" else dict(head_share=0.5)))
+                **(dict(head="raw") if _rank(method)[0] == "subspace-raw-head" else dict(head_share=0.5)))
         spy = _CosineSpy(trainer)
 
         class _OnStep(TrainerCallback):
