@@ -167,9 +167,9 @@ PLANS = {
         # the test rows: the tune row with the best held-out accuracy (LoRA r 2, 40 rounds)
         *[_row(f"population-eps8-s{s}", seed=s, **POPULATION_FINAL) for s in (0, 1, 2)],
         _row("population-eps8-shares1-s0", **dict(POPULATION_FINAL, noise_shares=1)),
-        _row("population-nodp-s0", **dict(POPULATION_FINAL, epsilon=None)),
+        *[_row(f"population-nodp-s{s}", seed=s, **dict(POPULATION_FINAL, epsilon=None)) for s in (0, 1, 2)],
         # the chosen setting at epsilon 1 and 3 (calibrated for its 40 rounds each time)
-        *[_row(f"population-eps{e:g}-s0", **dict(POPULATION_FINAL, epsilon=e)) for e in (1.0, 3.0)],
+        *[_row(f"population-eps{e:g}-s{s}", seed=s, **dict(POPULATION_FINAL, epsilon=e)) for e in (1.0, 3.0) for s in (0, 1, 2)],
     ],
     # the codec frontier in the population setting, on the held-out split: the subspace codec (each party clips and
     # noises the latent of its update on the round's public subspace) against population-tune-slr5-r2-r40 (no codec)
