@@ -47,7 +47,8 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "subspace", "subspace-raw-head", "subspace-raw-head-r1",
-           "subspace-raw-head-r2", "subspace-raw-head-r4", "subspace-head50", "subspace-gradient", "codec", "codec-paper", "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
+           "subspace-raw-head-r2", "subspace-raw-head-r4", "subspace-head50", "subspace-gradient", "codec", "codec-paper",
+           "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
 BASELINE_METHODS = ("random-projection", "top-k", "powersgd", "random-projection-all", "top-k-all")
 RATIO_FREE = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "powersgd")  # their bytes do not follow --ratios
 
@@ -162,10 +163,11 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
             # the trainer has wrapped the model in LoRA: the baseline is made for that layout (no prior, no data)
             trainer._codec_spec = make_baseline(method.removesuffix("-all"), trainer.model, ratio, seed=seed,
                                                 raw_head=not method.endswith("-all"))
-        if _rank(method)[0] in ("subspace-raw-head", "subspace-head50"):
+        base = _rank(method)[0]
+        if base in ("subspace-raw-head", "subspace-head50"):
             trainer._codec_spec = SubspaceCodec.for_model(
                 trainer.model, ratio, seed=seed,
-                **(dict(head="raw") if _rank(method)[0] == "subspace-raw-head" else dict(head_share=0.5)))
+                **(dict(head="raw") if base == "subspace-raw-head" else dict(head_share=0.5)))
         spy = _CosineSpy(trainer)
 
         class _OnStep(TrainerCallback):
