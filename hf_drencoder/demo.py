@@ -20,19 +20,18 @@ from .trainer import DRTrainer
 
 logger = logging.getLogger(__name__)
 
-# Built from the DP recipe of `hf_drencoder.recipe.suggest_hyperparameters` for R8 at epsilon 8 (expected batch 1088,
-# 20 steps, constant AdamW: a budget of 21,760 examples), on a model cut to what 2 CPU cores can train in the demo's 5
-# minutes: 32 tokens, LoRA on query and value of the top two encoder layers only (the four lower layers stay frozen, so
-# the backward pass stops there). The layers and the clipping norm (0.1) were picked on a held-out 15% of the TRAIN
-# split, never the test split (benchmarks/demo_recipe.py); docs/benchmarks.md has the measured figures.
-# FFA-LoRA (lora_freeze_a: A frozen at its initialisation, only B and the head trained and released) beat that
-# baseline on the held-out split and on the test split by more than the seed spread (benchmarks/demo_options.py,
-# docs/utility.md "Training options"), so the demo uses it. The same 21,760 examples are spent as 80 steps of 272 at
-# lr 5e-2 rather than the recipe's 20 of 1088: by the mean held-out accuracy over three seeds of batches and noise,
-# 0.910 (0.903-0.917) against 0.900 (0.896-0.904) for 40 steps of 544 at lr 1e-1 (the previous default) and 0.889 for
-# 20 of 1088 at lr 1e-1; 5e-2 is this split's best rate on the held-out split (0.928 against 0.914 at 1e-1 and 0.896
-# at 2e-2, benchmarks/utility.py) (docs/utility.md "FFA-LoRA's rank and the split of the example budget"). The recipe
-# itself keeps 20 steps: this split was measured for FFA-LoRA only.
+# The DP recipe of `hf_drencoder.recipe.suggest_hyperparameters` for R8 at epsilon 8 (expected batch 272, 80 steps,
+# constant AdamW: a budget of 21,760 examples) with FFA-LoRA at lr 5e-2, on a model cut to what 2 CPU cores can train
+# in the demo's 5 minutes: 32 tokens, LoRA on query and value of the top two encoder layers only (the four lower layers
+# stay frozen, so the backward pass stops there). The layers and the clipping norm (0.1) were picked on a held-out 15%
+# of the TRAIN split, never the test split (benchmarks/demo_recipe.py); docs/benchmarks.md has the measured figures.
+# FFA-LoRA (lora_freeze_a: A frozen at its initialisation, only B and the head trained and released) beat LoRA with A
+# trained on the held-out split and on the test split by more than the seed spread (benchmarks/demo_options.py,
+# docs/utility.md "Training options"), so the demo uses it. 80 steps of 272 at lr 5e-2: by the mean held-out accuracy
+# over three seeds of batches and noise, 0.910 (0.903-0.917) against 0.900 (0.896-0.904) for 40 steps of 544 at lr 1e-1
+# (a previous default) and 0.889 for 20 of 1088 at lr 1e-1 (the recipe's split before); 5e-2 is this split's best rate
+# on the held-out split (0.928 against 0.914 at 1e-1 and 0.896 at 2e-2, benchmarks/utility.py) (docs/utility.md
+# "FFA-LoRA's rank and the split of the example budget").
 DEMO_LORA_LAYERS = (4, 5)
 DEMO_DEFAULTS = dict(
     output_dir="drencoder-demo",

@@ -73,7 +73,7 @@ def test_calibration_hits_target_from_below_and_agrees_with_opacus():
 
 
 @pytest.mark.parametrize("target, delta, q, steps, accountant, prior", [
-    (8.0, 1 / 5485, 1088 / 5485, 20, "prv", ()),  # the recipe on R8: large q, few steps
+    (8.0, 1 / 5485, 1088 / 5485, 20, "prv", ()),  # the first recipe on R8 (20 steps of 1088): large q, few steps
     (8.0, 1 / 5485, 544 / 5485, 40, "prv", ()),  # the demo's previous split
     (8.0, 1 / 5485, 272 / 5485, 80, "prv", ()),  # the demo
     (1.0, 1e-3, 0.2, 20, "prv", ()),
