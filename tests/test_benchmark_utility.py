@@ -1,4 +1,5 @@
-"""benchmarks/utility.py files the federated population runs under the epsilon each was calibrated for."""
+"""benchmarks/utility.py: federated population runs filed under their target epsilon, the learning rate picked on the
+held-out seeds."""
 
 import argparse
 import json
@@ -42,3 +43,17 @@ def test_federated_rows_keep_their_target_epsilon(utility, tmp_path):
     assert runs["population-nodp-s0"]["target_epsilon"] is None and runs["population-nodp-s0"]["method"] == "fedavg"
     assert runs["population-eps8-s0"]["method"] == "dp-fedavg"
     assert runs["population-eps8-shares1-s0"]["method"] == "dp-fedavg-shares1"
+
+
+def test_the_chosen_rate_is_the_best_mean_over_tuning_seeds(utility):
+    def run(lr, seed, acc, f1=0.5, split="272x80"):
+        return dict(stage="tune", model="cut", split=split, method="lora", lr=lr, seed=seed, accuracy=acc, macro_f1=f1)
+
+    # 2e-2 has the single best run, 1e-2 the best mean over its three seeds
+    runs = [run(1e-2, 0, 0.94), run(1e-2, 1, 0.94), run(1e-2, 2, 0.94),
+            run(2e-2, 0, 0.95), run(2e-2, 1, 0.90), run(2e-2, 2, 0.91), run(5e-2, 0, 0.99, split="544x40")]
+    assert utility.chosen_lr({"runs": runs}, "cut", "lora", "272x80") == 1e-2
+    # one seed per rate: the best run; equal accuracy: macro-F1 decides
+    assert utility.chosen_lr({"runs": [run(1e-2, 0, 0.9, 0.6), run(2e-2, 0, 0.9, 0.7)]}, "cut", "lora", "272x80") == 2e-2
+    with pytest.raises(SystemExit, match="no tuning runs"):
+        utility.chosen_lr({"runs": runs}, "cut", "dp-ffa", "272x80")
