@@ -74,12 +74,12 @@ def suggest_hyperparameters(n_examples: int, target_epsilon: float, example_budg
        epochs the noise on the mean gradient, sigma / B, falls as B grows (on R8 at epsilon 8 over 4 epochs sigma is
        0.49 at B 64, 0.61 at 272, 0.78 at 1024). Measured on R8 at the same 21,760 examples (`benchmarks/utility.py`,
        the demo's cut model, each method at the rate tuned on a held-out 15% of train, 3 seeds on the test split),
-       more, smaller steps did better for every method and every epsilon up to 80 steps: at epsilon 8, 20 steps of
-       1088 / 40 of 544 / 80 of 272 gave 0.878 / 0.920 / 0.934 with FFA-LoRA, 0.845 / not run / 0.903 with LoRA (A trained)
-       and 0.917 / 0.940 / 0.951 without DP; at epsilon 1, 0.857 / 0.872 / 0.884 with FFA-LoRA. 160 steps of 136
-       did not beat 80 of 272 on the held-out split (docs/utility.md). The earlier demo's 90 steps of 64 (0.79-0.81)
-       shows the other side: far below about 256 the noise swamps the clipped signal. The cap on q is DP practice,
-       not measured here.
+       more, smaller steps did better for every method, at every epsilon measured, up to 80 steps: at epsilon 8,
+       20 steps of 1088 / 40 of 544 / 80 of 272 gave 0.878 / 0.920 / 0.934 with FFA-LoRA, 0.845 / 0.891 / 0.903
+       with LoRA (A trained) and 0.917 / 0.940 / 0.951 without DP; at epsilon 1, 0.857 / 0.872 / 0.884 with
+       FFA-LoRA. 160 steps of 136 did not beat 80 of 272 on the held-out split (docs/utility.md). The earlier
+       demo's 90 steps of 64 (0.79-0.81) shows the other side: far below about 256 the noise swamps the clipped
+       signal. The cap on q is DP practice, not measured here.
     3. **Steps:** T = ``example_budget // B`` (so B x T <= ``example_budget``, and T >= 80 whenever the budget
        holds 80 examples).
     4. **Constant learning rate** `RECIPE_LEARNING_RATE` (2e-2) for AdamW at B >= 256, no warmup, no decay: a
