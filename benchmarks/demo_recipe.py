@@ -29,9 +29,10 @@ import tempfile
 import time
 
 import torch
+from utility import FIRST_SPLIT, SPLITS
 
 # the recipe's batch and steps for the whole R8 train split when the committed rows were measured
-MEASURED_SPLIT = dict(per_device_train_batch_size=1088, max_steps=20)
+MEASURED_SPLIT = SPLITS[FIRST_SPLIT]
 
 
 def lora_modules(top_layers: int, num_layers: int = 6) -> list[str]:
@@ -107,8 +108,9 @@ def main() -> None:
 
     train = load_reuters("r8")["train"]
     splits = train.train_test_split(test_size=0.15, seed=1234)  # "test" here is the held-out 15% of TRAIN
-    # the demo's batch and steps: those the recipe gives for the whole train split (run here on 85% of it, so q is
-    # a little higher and the trainer calibrates sigma to the same target on the smaller N)
+    # the recipe's values for the whole train split, with the batch and steps these rows were measured at unless
+    # --example_budget is given (run here on 85% of it, so q is a little higher and the trainer calibrates sigma to
+    # the same target on the smaller N)
     hp = suggest_hyperparameters(len(train), a.target_epsilon, example_budget=a.example_budget)
     if a.example_budget is None:
         hp.update(MEASURED_SPLIT)

@@ -73,7 +73,7 @@ SPLITS = {"1088x20": dict(per_device_train_batch_size=1088, max_steps=20),
           "544x40": dict(per_device_train_batch_size=544, max_steps=40),
           "272x80": dict(per_device_train_batch_size=272, max_steps=80),
           "136x160": dict(per_device_train_batch_size=136, max_steps=160)}
-FIRST_SPLIT = "1088x20"  # the recipe's split when the first rows were measured: the default --split
+FIRST_SPLIT = "1088x20"  # the recipe's split when the first rows were measured (and demo_recipe.py's); --split default
 LR_GRID = [5e-3, 1e-2, 2e-2, 5e-2, 1e-1]  # 1e-2 added after two methods picked 2e-2 at 272x80, 5e-3 after lora picked
 # 1e-2 there; neither run at the two larger batches
 EPSILONS = [1.0, 3.0, 8.0]
@@ -194,9 +194,8 @@ def chosen_lr(data: dict, model: str, method: str, split: str = FIRST_SPLIT) -> 
             by_lr.setdefault(r["lr"], []).append(r)
     if not by_lr:
         raise SystemExit(f"no tuning runs of {method} ({model}, {split}): run `python benchmarks/utility.py tune` first")
-    def mean(rs, key):
-        return sum(r[key] for r in rs) / len(rs)
-    return max(by_lr, key=lambda lr: (mean(by_lr[lr], "accuracy"), mean(by_lr[lr], "macro_f1")))
+    return max(by_lr, key=lambda lr: (statistics.fmean(r["accuracy"] for r in by_lr[lr]),
+                                      statistics.fmean(r["macro_f1"] for r in by_lr[lr])))
 
 
 def run_stage(stage: str, a) -> None:
