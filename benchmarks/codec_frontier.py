@@ -12,8 +12,10 @@ with PRV at delta 1/N), trained on 85% of the R8 TRAIN split and scored on the h
 
 - ``dp-lora``: no compression, the fp32 LoRA gradient and head (the reference);
 - ``dp-lora-r1``, ``-r2``, ``-r4``: DP-LoRA at a lower LoRA rank (fewer bytes by construction);
-- ``subspace``: ``codec="subspace"`` with ``noise_space="latent"`` (clipping and noise in the latent) at each ratio;
-  ``subspace-gradient`` the same codec compressing the noised gradient (``noise_space="gradient"``);
+- ``subspace``: the subspace codec with the budget split in proportion to size (``head_share=None``) and
+  ``noise_space="latent"`` (clipping and noise in the latent) at each ratio; ``subspace-gradient`` the same codec
+  compressing the noised gradient (``noise_space="gradient"``); ``subspace-default``: ``codec="subspace"`` as the
+  trainer builds it (``head_share="auto"``: ``subspace-head50`` from 1/64 up, ``subspace`` below);
 - ``codec``: ``codec="auto"`` (stage 1 on the training data, its cost inside the same epsilon 8) at each latent ratio;
 - ``codec-paper``: the same with ``codec_prior="paper"``;
 - ``random-projection``, ``top-k``, ``powersgd``: the baselines of `hf_drencoder.codec.baselines` at the same ratio
@@ -47,8 +49,11 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "subspace", "subspace-raw-head", "subspace-raw-head-r1",
-           "subspace-raw-head-r2", "subspace-raw-head-r4", "subspace-head50", "subspace-gradient", "codec", "codec-paper",
+           "subspace-raw-head-r2", "subspace-raw-head-r4", "subspace-head50", "subspace-default", "subspace-gradient", "codec", "codec-paper",
            "random-projection", "top-k", "random-projection-all", "top-k-all", "powersgd")
+# the subspace rows' settings (head_share=None: in proportion to size, the default when those rows were measured)
+SUBSPACE_OPTIONS = {"subspace": dict(head_share=None), "subspace-gradient": dict(head_share=None),
+                    "subspace-raw-head": dict(head="raw"), "subspace-head50": dict(head_share=0.5)}
 BASELINE_METHODS = ("random-projection", "top-k", "powersgd", "random-projection-all", "top-k-all")
 RATIO_FREE = ("dp-lora", "dp-lora-r1", "dp-lora-r2", "dp-lora-r4", "powersgd")  # their bytes do not follow --ratios
 
@@ -164,10 +169,8 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
             trainer._codec_spec = make_baseline(method.removesuffix("-all"), trainer.model, ratio, seed=seed,
                                                 raw_head=not method.endswith("-all"))
         base = _rank(method)[0]
-        if base in ("subspace-raw-head", "subspace-head50"):
-            trainer._codec_spec = SubspaceCodec.for_model(
-                trainer.model, ratio, seed=seed,
-                **(dict(head="raw") if base == "subspace-raw-head" else dict(head_share=0.5)))
+        if base in SUBSPACE_OPTIONS:  # the object replaces codec="subspace" ("subspace-default": the trainer builds it)
+            trainer._codec_spec = SubspaceCodec.for_model(trainer.model, ratio, seed=seed, **SUBSPACE_OPTIONS[base])
         spy = _CosineSpy(trainer)
 
         class _OnStep(TrainerCallback):
@@ -320,6 +323,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_curve(groups: list[dict]) -> list[dict]:
+    """The default codec's points among the tuned groups: ``head_share="auto"`` is ``subspace-head50`` from 1/64 up
+    and ``subspace`` (in proportion to size) below, so its frontier is theirs (sorted by bytes)."""
+    from hf_drencoder.codec.subspace import resolve_head_share
+
+    def is_default(g):
+        if g["ratio"] is None:
+            return False
+        share = resolve_head_share("auto", g["ratio"])
+        return g["method"] == ("subspace-head50" if share == 0.5 else "subspace")
+
+    return sorted((g for g in groups if is_default(g)), key=lambda g: g["uplink_bytes"])
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Accuracy against bytes per step (one line per method, the seeds' range as error bars), and the per-step
     cosine between the decoded gradient and the clean aggregate."""
@@ -332,7 +349,7 @@ def plot(rows: list[dict], path: str) -> None:
     from _plotting import label_axes
 
     groups = tuned(rows)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 6))
     by_method: dict = {}
     for g in groups:
         by_method.setdefault(g["method"], []).append(g)
@@ -345,9 +362,14 @@ def plot(rows: list[dict], path: str) -> None:
         err = [[g["accuracy"] - g["accuracy_min"] for g in gs], [g["accuracy_max"] - g["accuracy"] for g in gs]]
         ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (i // 10)],
                     capsize=3, label=method)
+    default = default_curve(groups)
+    if default:
+        ax.plot([g["uplink_bytes"] for g in default], [g["accuracy"] for g in default], color="black", lw=3,
+                alpha=0.25, zorder=0, label='default codec="subspace" (head_share="auto")')
     ax.set_xscale("log")
     label_axes(ax, "uplink bytes per step (every byte, head included)", "held-out accuracy",
-               "Accuracy against bytes, epsilon 8 (each method at its chosen lr)", ncol=2, loc="upper left")
+               "Accuracy against bytes, epsilon 8 (each method at its chosen lr)", ncol=3,
+               loc="upper center", bbox_to_anchor=(0.5, -0.15))
     for g in groups:
         if g["method"] in ("dp-lora", "subspace", "top-k", "random-projection", "powersgd", "codec") and g["cosine_per_step"]:
             ratio = "" if g["ratio"] is None else f" 1/{round(1 / g['ratio'])}"
@@ -376,6 +398,10 @@ def main(argv=None) -> None:
         print(markdown(rows))
         print()
         print(tuning_markdown(rows))
+        print()
+        print('The default codec (codec="subspace", head_share="auto"): ' + "; ".join(
+            f"1/{round(1 / g['ratio'])} ({g['uplink_bytes']:,} bytes) {g['method']} {g['accuracy']:.3f} over "
+            f"{len(g['seeds'])} seed(s)" for g in default_curve(tuned(rows))))
         plot(rows, a.plot)
         print(f"wrote {a.plot}")
         return

@@ -79,7 +79,7 @@ def _codec_row(d: int, tag: str = "", seed: int = 0, **options):
     C sqrt(1/d) with C = 1."""
     clip = (1 / d) ** 0.5
     return _row(f"population-tune-r2-r20-subspace-1/{d}-unbiased-c{clip:g}{tag}", split="tune", seed=seed, codec="subspace",
-                codec_ratio=1 / d, codec_options=dict(scale="unbiased", **options), parallel_parties=30,
+                codec_ratio=1 / d, codec_options=dict(scale="unbiased", **{"head_share": None, **options}), parallel_parties=30,
                 **dict(POPULATION, lora_r=2, clip=clip))
 
 
@@ -197,6 +197,9 @@ PLANS = {
         *[r for s in (1, 2) for r in (_codec_row(16, f"-s{s}", seed=s), _codec_row(16, f"-history0-s{s}", seed=s, history=0))],
         # seeds 1 and 2 of the random projection at 1/4 (the federated default since the 1/16 seeds)
         *[_codec_row(4, f"-history0-s{s}", seed=s, history=0) for s in (1, 2)],
+        # the random projection with half its budget on the head (head_share=0.5, which measures best in central
+        # training from 1/4 to 1/64) against the split in proportion to size, 3 seeds at 1/16
+        *[_codec_row(16, f"-history0-head50{f'-s{s}' if s else ''}", seed=s, history=0, head_share=0.5) for s in (0, 1, 2)],
     ],
 }
 

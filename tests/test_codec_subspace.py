@@ -20,7 +20,7 @@ def _codec(**kw):
 
 
 def test_the_message_is_a_projection_with_a_budget_per_part():
-    c = _codec()
+    c = _codec(head_share=None)  # in proportion to size
     assert c.budget == {"lora": 96, "head": 24} and c.latent_dim == 120 and c.payload_bytes == 480
     g = torch.randn(3, LAYOUT.dim)
     for _ in range(3):  # before and after a history exists
@@ -207,9 +207,48 @@ def test_federated_subspace_messages_resume_and_cost_nothing(tmp_path, caplog):
 
 def test_head_share_splits_the_same_total_budget():
     c = _codec(head_share=0.5)
-    assert c.budget == {"lora": 60, "head": 60} and c.latent_dim == _codec().latent_dim
+    assert c.budget == {"lora": 60, "head": 60} and c.latent_dim == _codec(head_share=None).latent_dim
     with pytest.raises(ValueError, match="head_share"):
         _codec(head_share=0.5, head="raw")
+    for bad in (1.0, 0.0, "half", True):
+        with pytest.raises(ValueError, match="head_share"):
+            _codec(head_share=bad)
+
+
+def test_the_default_head_share_is_half_from_1_64_up_and_in_proportion_below(tmp_path):
+    # LoRA 1,536 values, head 384: the default is what measured best at each budget (docs/codec.md)
+    for ratio, budget in ((1 / 4, {"lora": 240, "head": 240}), (1 / 16, {"lora": 60, "head": 60}),
+                          (1 / 64, {"lora": 15, "head": 15}), (1 / 128, {"lora": 12, "head": 3})):
+        c = _codec(latent_ratio=ratio)
+        assert c.budget == budget, ratio
+        assert c.latent_dim == _codec(latent_ratio=ratio, head_share=None).latent_dim  # the same bytes
+    assert _codec(latent_ratio=1 / 128).budget == _codec(latent_ratio=1 / 128, head_share=None).budget
+    # a raw head has nothing to split; a layout without a head neither
+    assert _codec(head="raw").budget == {"lora": 96} and _codec(head="raw").head_share is None
+    lora_only = LoraLayout(["m.lora_A.default.weight", "m.lora_B.default.weight"], [(8, 96), (96, 8)])
+    assert SubspaceCodec(lora_only.to_dict(), 1 / 16).budget == {"lora": 96}
+    # saved and loaded: "auto" stays "auto", and a codec saved with the split in proportion (head_share=None, the
+    # default before "auto") keeps it
+    for share, budget in (("auto", {"lora": 60, "head": 60}), (None, {"lora": 96, "head": 24})):
+        _codec(head_share=share).save_pretrained(tmp_path / str(share))
+        assert load_codec(str(tmp_path / str(share)), layout=LAYOUT).budget == budget
+
+
+def test_the_trainer_builds_the_default_split_and_federated_runs_keep_the_proportional_one(tmp_path):
+    from hf_drencoder.federated import FederatedSimulation
+    from test_federated import fed_args
+
+    args = dr_args(tmp_path, noise_multiplier=1.0, max_steps=1, codec="subspace", codec_latent_ratio=1 / 16,
+                   noise_space="latent")
+    trainer = DRTrainer(model=make_tiny_bert(), args=args, train_dataset=make_cls_dataset(n=N))
+    trainer.train()
+    head = sum(b.numel for b in trainer.layout.blocks if not b.factor.startswith("lora"))
+    assert trainer.codec.head_share == 0.5 and trainer.codec.budget["head"] == min(head, trainer.codec.latent_dim // 2)
+    sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=48),
+                              fed_args(tmp_path, num_rounds=1, eval_every=0, codec="subspace", codec_latent_ratio=1 / 16))
+    sim._setup()
+    assert sim.codec.head_share is None
+    assert sim.codec.budget == SubspaceCodec.for_model(sim.layout, 1 / 16, head_share=None).budget
 
 
 def test_baselines_can_code_the_head_for_a_total_byte_budget():

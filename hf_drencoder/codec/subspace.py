@@ -38,6 +38,19 @@ from .layout import LoraLayout
 from .threads import single_threaded
 
 PARTS = ("lora", "head")
+# head_share="auto": half of the budget to a coded head at latent ratios from 1/64 up, in proportion to size below.
+# Measured in central training on the demo task at epsilon 8 (docs/codec.md, "In training"): half on the head beat the
+# split in proportion to size at 1/4, 1/16 and 1/64 of the bytes and lost to it at 1/256.
+AUTO_HEAD_SHARE, AUTO_HEAD_SHARE_MIN_RATIO = 0.5, 1 / 64
+
+
+def resolve_head_share(head_share, latent_ratio: float) -> float | None:
+    """The head's share of the budget that ``head_share`` means at ``latent_ratio`` (None: in proportion to size)."""
+    if head_share == "auto":
+        return AUTO_HEAD_SHARE if latent_ratio >= AUTO_HEAD_SHARE_MIN_RATIO * (1 - 1e-9) else None
+    if head_share is None or isinstance(head_share, (int, float)) and not isinstance(head_share, bool):
+        return None if head_share is None else float(head_share)
+    raise ValueError(f"head_share must be 'auto', None (in proportion to size) or a number in (0, 1); got {head_share!r}")
 
 
 class SubspaceCodec(
@@ -56,8 +69,9 @@ class SubspaceCodec(
             off (a fresh random sketch every step).
         momentum: EMA factor of the decoded gradients.
         head: ``"coded"`` (the head has its own budget, as above) or ``"raw"`` (sent as fp32 values and counted).
-        head_share: with a coded head, the share of the same total budget that goes to the head (default: in
-            proportion to its size).
+        head_share: with a coded head, the share of the same total budget that goes to the head: ``"auto"`` (the
+            default: 0.5 at latent ratios from 1/64 up, in proportion to size below, as measured best), ``None`` (in
+            proportion to its size, the default before ``"auto"``) or a number in (0, 1).
         seed: public seed of the random part (both ends derive each step's sketch from it; never the noise seed).
         scale: ``"projection"`` (decode the projection ``U_t z``) or ``"unbiased"`` (the sketch part multiplied by
             ``(d - h) / r``: unbiased outside the history, and its noise multiplied by the same factor).
@@ -69,7 +83,7 @@ class SubspaceCodec(
     prior_kind = "subspace"
 
     def __init__(self, layout: dict, latent_ratio: float = 1 / 64, history: int = 4, momentum: float = 0.9,
-                 head: str = "coded", head_share: float | None = None, seed: int = 0, scale: str = "projection"):
+                 head: str = "coded", head_share: float | str | None = "auto", seed: int = 0, scale: str = "projection"):
         super().__init__()
         if head not in ("coded", "raw"):
             raise ValueError(f"head must be 'coded' or 'raw', got {head!r}")
@@ -92,12 +106,15 @@ class SubspaceCodec(
         for p in self.parts:
             self.register_buffer(f"index_{p}", index[p], persistent=False)
         self.budget = {p: latent_size(index[p].numel(), self.latent_ratio) for p in self.coded_parts}
-        self.head_share = None if head_share is None else float(head_share)
-        if self.head_share is not None:
-            if not 0.0 < self.head_share < 1.0 or len(self.coded_parts) < 2:
+        share = resolve_head_share(head_share, self.latent_ratio)
+        if head_share == "auto" and len(self.coded_parts) < 2:
+            share = None  # no coded head (head="raw", or no modules_to_save), or no LoRA part: nothing to split
+        self.head_share = share  # the share in force (None: in proportion to size)
+        if share is not None:
+            if not 0.0 < share < 1.0 or len(self.coded_parts) < 2:
                 raise ValueError(f"head_share must be in (0, 1), with a coded head and LoRA part; got {head_share}")
             total = sum(self.budget.values())  # the same bytes, split differently
-            k_head = min(index["head"].numel(), max(1, round(self.head_share * total)))
+            k_head = min(index["head"].numel(), max(1, round(share * total)))
             self.budget = {"lora": max(1, total - k_head), "head": k_head}
         self.raw_dim = index["head"].numel() if "head" in self.parts and head == "raw" else 0
         self.latent_dim = sum(self.budget.values()) + self.raw_dim

@@ -36,9 +36,11 @@ class FederatedStage1Mixin:
             # unbiased: the server applies the decoded update at its learning rate (a projection on k of d directions
             # would keep k/d of it). No history: in the population benchmark a fresh shared-seed projection every
             # round beat the subspace of released updates at 1/16 (0.744 against 0.707, 3 seeds) and tied it at 1/4
-            # (0.783, 0.781), as those updates are mostly noise there (docs/codec.md). A SubspaceCodec object sets its own.
+            # (0.783, 0.781), as those updates are mostly noise there (docs/codec.md). The budget is split in proportion
+            # to size (head_share=None): half on the head, which measures best in central training, is not measured
+            # better here. A SubspaceCodec object sets its own.
             self.codec = SubspaceCodec.for_model(self.model, self.args.codec_latent_ratio, seed=self.args.seed,
-                                                 scale="unbiased", history=FEDERATED_SUBSPACE_HISTORY)
+                                                 scale="unbiased", history=FEDERATED_SUBSPACE_HISTORY, head_share=None)
         elif spec == "auto":
             if self.args.stats_rounds < 1:
                 raise ValueError("codec='auto' needs stats_rounds >= 1 (the prior is built from the parties' statistics)")
