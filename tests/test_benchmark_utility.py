@@ -57,3 +57,29 @@ def test_the_chosen_rate_is_the_best_mean_over_tuning_seeds(utility):
     assert utility.chosen_lr({"runs": [run(1e-2, 0, 0.9, 0.6), run(2e-2, 0, 0.9, 0.7)]}, "cut", "lora", "272x80") == 2e-2
     with pytest.raises(SystemExit, match="no tuning runs"):
         utility.chosen_lr({"runs": runs}, "cut", "dp-ffa", "272x80")
+
+
+def test_the_parameter_average_is_a_moving_average_of_the_steps_swapped_in_at_the_end(utility):
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    model.bias.requires_grad_(False)  # only trainable parameters are averaged
+    ema = utility.parameter_ema(0.9)
+    for value in (1.0, 3.0, 5.0):  # the parameters after three optimizer steps
+        with torch.no_grad():
+            model.weight.fill_(value)
+            model.bias.fill_(value)
+        ema.on_step_end(None, None, None, model=model)
+    ema.swap_in(model)
+    # from the first step's parameters: 0.9 (0.9 * 1 + 0.1 * 3) + 0.1 * 5
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.9 * (0.9 + 0.3) + 0.5))
+    assert torch.equal(model.bias, torch.full((1,), 5.0))
+
+
+def test_a_method_s_schedule_replaces_the_recipe_s(utility):
+    # both the recipe and the method name the schedule: the method's wins (and the arguments are built once)
+    assert utility.METHODS["dp-ffa-linear"]["lr_scheduler_type"] == "linear"
+    hp = {"lr_scheduler_type": "constant", "learning_rate": 1e-2}
+    spec = dict(utility.METHODS["dp-ffa-linear"])
+    utility.method_hyperparameters(hp, spec)
+    assert hp["lr_scheduler_type"] == "linear" and "lr_scheduler_type" not in spec and spec["lora_freeze_a"] is True
