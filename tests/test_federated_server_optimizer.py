@@ -157,3 +157,18 @@ def test_the_defaults_are_the_documented_ones():
     assert {"local_optimizer", "local_learning_rate", "local_steps", "local_batch_size", "server_optimizer",
             "server_learning_rate"} <= documented.keys()
     assert math.isfinite(args.server_learning_rate)
+
+
+def test_fedadam_warns_when_tau_is_large_against_the_clipping_norm(tmp_path, caplog):
+    def warned(**kw):
+        caplog.clear()
+        sim = FederatedSimulation(make_tiny_bert(), make_cls_dataset(n=24),
+                                  fed_args(tmp_path / str(len(caplog.records)), server_optimizer="fedadam", **kw))
+        with caplog.at_level("WARNING", logger="hf_drencoder.federated.simulation"):
+            sim._setup()
+        return [r.getMessage() for r in caplog.records if "server_tau" in r.getMessage()]
+
+    assert warned(max_update_norm=1.0) == []  # the default tau is for max_update_norm 1
+    (message,) = warned(max_update_norm=0.1)
+    assert "server_tau=0.001 is 0.01 x max_update_norm=0.1" in message and "= 0.0001" in message
+    assert warned(max_update_norm=0.1, server_tau=1e-4) == []

@@ -34,7 +34,7 @@ from ..lora import freeze_lora_a, trainable_adapter_parameters, wrap_with_lora
 from ..losses import infer_task, per_sample_losses
 from ..privacy.ledger import PrivacyLedger
 from .accounting import aggregation_report, client_level_ledger, public_history, server_view_bound, server_view_epsilon, trust_report
-from .arguments import FederatedArguments
+from .arguments import FEDADAM_DEFAULTS, FederatedArguments
 from .checkpoint import CODEC_DIR, FederationCheckpointMixin
 from .partition import partition_indices
 from .party import Party, PartyMessage, _model_inputs, log_party_failure
@@ -158,6 +158,14 @@ class FederatedSimulation(FederatedStage1Mixin, FederationCheckpointMixin):
             self.ledger.max_total_steps if self.ledger.max_total_steps is not None else "unbounded", self.layout.dim,
             " (lora_freeze_a: LoRA A frozen at its initialisation, only B and the head sent)" if a.lora_freeze_a else "",
         )
+        tau_per_norm = FEDADAM_DEFAULTS["server_tau"]  # the default tau is for max_update_norm 1
+        if a.server_optimizer == "fedadam" and a.server_tau > 2 * tau_per_norm * a.max_update_norm:
+            logger.warning(
+                "FederatedSimulation: server_tau=%g is %.3g x max_update_norm=%g. Adam's step is m / (sqrt(v) + tau), and "
+                "the updates shrink with max_update_norm while tau does not, so tau dominates and the server steps "
+                "shrink (population benchmark, max_update_norm 0.1: 0.714 with tau 1e-3, 0.747 with 1e-4; "
+                "docs/federated.md). Set server_tau = %g x max_update_norm = %.3g",
+                a.server_tau, a.server_tau / a.max_update_norm, a.max_update_norm, tau_per_norm, tau_per_norm * a.max_update_norm)
         if self.codec is not None and getattr(self.codec, "clips_in_latent", False):
             k, d = self.codec.latent_dim, self.layout.dim
             shrink = math.sqrt(k / d)
