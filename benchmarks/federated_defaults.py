@@ -200,6 +200,8 @@ PLANS = {
         # the random projection with half its budget on the head (head_share=0.5, which measures best in central
         # training from 1/4 to 1/64) against the split in proportion to size, 3 seeds at 1/16
         *[_codec_row(16, f"-history0-head50{f'-s{s}' if s else ''}", seed=s, history=0, head_share=0.5) for s in (0, 1, 2)],
+        # the federated default (a fresh random projection every round) at the smaller budgets, 3 seeds
+        *[_codec_row(d, f"-history0{f'-s{s}' if s else ''}", seed=s, history=0) for d in (64, 256) for s in (0, 1, 2)],
     ],
 }
 
