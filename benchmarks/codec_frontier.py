@@ -4,6 +4,7 @@
     python benchmarks/codec_frontier.py --methods dp-lora codec --ratios 1/64 1/16 --seeds 0   # a slice
     python benchmarks/codec_frontier.py --quick                           # every code path in minutes; numbers mean nothing
     python benchmarks/codec_frontier.py --report     # no runs: the Markdown table (mean over seeds) and docs/codec_frontier.png
+    python benchmarks/codec_frontier.py --split 272x80 ...   # the same budget as the demo's 80 steps of 272
 
 Every run is the ``hf-drencoder demo`` configuration (`hf_drencoder.demo.DEMO_DEFAULTS`: MiniLM-L6, LoRA r 8 on query
 and value of the top two layers, 32 tokens, expected batch 1088, 20 steps (the demo's then: ``FRONTIER_BATCH``, ``FRONTIER_STEPS``), FFA-LoRA (A frozen), constant lr 5e-2 (the demo's rate then; ``FRONTIER_LEARNING_RATE``), C 0.1, target epsilon 8
@@ -74,15 +75,19 @@ FRONTIER_LEARNING_RATE = 5e-2
 # the demo's batch and steps when the frontier was measured (the demo has since moved to 80 steps of 272): pinned so
 # that new rows stay comparable with the recorded ones
 FRONTIER_BATCH, FRONTIER_STEPS = 1088, 20
+# --split: the same 21,760 examples as 20 steps of 1088 (the frontier's, the default) or 80 steps of 272 (the demo's
+# and the recipe's now); each split's rows are reported apart ("split" in a row; rows without one are 1088x20)
+SPLITS = {"1088x20": (FRONTIER_BATCH, FRONTIER_STEPS), "272x80": (272, 80)}
+FRONTIER_SPLIT = "1088x20"
 
 
-def _args(out: str, method: str, ratio: float, seed: int, quick: bool):
+def _args(out: str, method: str, ratio: float, seed: int, quick: bool, split: str = FRONTIER_SPLIT):
     from hf_drencoder import DRTrainingArguments
     from hf_drencoder.demo import DEMO_DEFAULTS
 
     kw = {**DEMO_DEFAULTS, "output_dir": out, "seed": seed, "data_seed": seed, "noise_seed": seed,
           "disable_tqdm": True, "logging_steps": 5, "learning_rate": FRONTIER_LEARNING_RATE,
-          "per_device_train_batch_size": FRONTIER_BATCH, "max_steps": FRONTIER_STEPS}
+          "per_device_train_batch_size": SPLITS[split][0], "max_steps": SPLITS[split][1]}
     if quick:
         kw.update(per_device_train_batch_size=64, max_physical_batch_size=64, max_steps=3)
     method, r = _rank(method)
@@ -145,7 +150,8 @@ class _CosineSpy:
         self.clean = None
 
 
-def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float | None = None) -> dict:
+def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float | None = None,
+            split: str = FRONTIER_SPLIT) -> dict:
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
     from hf_drencoder import DRTrainer
@@ -158,7 +164,7 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=data["num_labels"])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        args = _args(out, method, ratio, seed, quick)
+        args = _args(out, method, ratio, seed, quick, split)
         if lr is not None:
             args.learning_rate = lr
         trainer = DRTrainer(model=model, args=args, train_dataset=data["train"],
@@ -184,7 +190,7 @@ def run_one(data, method: str, ratio: float, seed: int, quick: bool, lr: float |
         report = trainer.privacy_report()
     lora_dim = sum(b.numel for b in trainer.layout.blocks if b.factor.startswith("lora"))
     return dict(
-        method=method, ratio=None if method in RATIO_FREE else ratio, seed=seed, quick=quick, lr=lr,
+        method=method, ratio=None if method in RATIO_FREE else ratio, seed=seed, quick=quick, lr=lr, split=split,
         accuracy=metrics["eval_accuracy"], macro_f1=metrics["eval_macro_f1"], eval_loss=metrics["eval_loss"],
         uplink_bytes=report["uplink_bytes"], uplink_ratio=report["uplink_ratio"],
         uncompressed_bytes=4 * trainer.layout.dim, lora_values=lora_dim, head_values=trainer.layout.dim - lora_dim,
@@ -212,8 +218,12 @@ def load_data(heldout_samples: int | None):
                 num_labels=data["train"].features["labels"].num_classes)
 
 
+def _split(r: dict) -> str:
+    return r.get("split", FRONTIER_SPLIT)  # rows recorded before --split existed ran 20 steps of 1088
+
+
 def _key(r):
-    return (r["method"], r["ratio"], r["seed"], r["quick"], r.get("lr"))
+    return (r["method"], r["ratio"], r["seed"], r["quick"], r.get("lr"), _split(r))
 
 
 def _load(path: str) -> list[dict]:
@@ -332,9 +342,14 @@ def default_curve(groups: list[dict]) -> list[dict]:
         if g["ratio"] is None:
             return False
         share = resolve_head_share("auto", g["ratio"])
-        return g["method"] == ("subspace-head50" if share == 0.5 else "subspace")
+        return g["method"] in ("subspace-default", "subspace-head50" if share == 0.5 else "subspace")
 
-    return sorted((g for g in groups if is_default(g)), key=lambda g: g["uplink_bytes"])
+    by_ratio: dict = {}
+    for g in groups:
+        if is_default(g):  # the same codec measured two ways: the one with more seeds
+            if g["ratio"] not in by_ratio or len(g["seeds"]) > len(by_ratio[g["ratio"]]["seeds"]):
+                by_ratio[g["ratio"]] = g
+    return sorted(by_ratio.values(), key=lambda g: g["uplink_bytes"])
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -390,11 +405,17 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="results file")
     p.add_argument("--lr", type=float, default=None, help="learning rate instead of FRONTIER_LEARNING_RATE (recorded in the row)")
     p.add_argument("--report", action="store_true", help="no runs: print the Markdown table and write the plot")
-    p.add_argument("--plot", default=os.path.join(os.path.dirname(HERE), "docs", "codec_frontier.png"))
+    p.add_argument("--split", choices=list(SPLITS), default=FRONTIER_SPLIT,
+                   help="how the 21,760 examples are spent (expected batch x steps); --report shows this split's rows")
+    p.add_argument("--plot", default=None, help="default: docs/codec_frontier.png (docs/codec_frontier_272x80.png "
+                                                 "for --split 272x80)")
     a = p.parse_args(argv)
     path = a.out or os.path.join(HERE, "results", "codec_frontier_quick.json" if a.quick else "codec_frontier.json")
+    a.plot = a.plot or os.path.join(os.path.dirname(HERE), "docs", "codec_frontier.png" if a.split == FRONTIER_SPLIT
+                                    else f"codec_frontier_{a.split}.png")
     rows = _load(path)
     if a.report:
+        rows = [r for r in rows if _split(r) == a.split]
         print(markdown(rows))
         print()
         print(tuning_markdown(rows))
@@ -409,7 +430,7 @@ def main(argv=None) -> None:
     for seed in a.seeds:
         for method in a.methods:
             for ratio in [None] if method in RATIO_FREE else a.ratios:
-                r = run_one(data, method, ratio if ratio is not None else 1.0, seed, a.quick, a.lr)
+                r = run_one(data, method, ratio if ratio is not None else 1.0, seed, a.quick, a.lr, a.split)
                 rows = save(path, r)
                 print(f"[codec_frontier {time.strftime('%H:%M:%S')}] {method} ratio {ratio} seed {seed}: accuracy "
                       f"{r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} bytes {r['uplink_bytes']} "
