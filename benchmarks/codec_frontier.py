@@ -338,11 +338,13 @@ def default_curve(groups: list[dict]) -> list[dict]:
     and ``subspace`` (in proportion to size) below, so its frontier is theirs (sorted by bytes)."""
     from hf_drencoder.codec.subspace import resolve_head_share
 
+    # the frontier's method that builds each coded-head share explicitly (None: in proportion to size)
+    by_share = {SUBSPACE_OPTIONS[m]["head_share"]: m for m in ("subspace", "subspace-head50")}
+
     def is_default(g):
         if g["ratio"] is None:
             return False
-        share = resolve_head_share("auto", g["ratio"])
-        return g["method"] in ("subspace-default", "subspace-head50" if share == 0.5 else "subspace")
+        return g["method"] in ("subspace-default", by_share[resolve_head_share("auto", g["ratio"])])
 
     by_ratio: dict = {}
     for g in groups:

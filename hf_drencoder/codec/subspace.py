@@ -46,11 +46,13 @@ AUTO_HEAD_SHARE, AUTO_HEAD_SHARE_MIN_RATIO = 0.5, 1 / 64
 
 def resolve_head_share(head_share, latent_ratio: float) -> float | None:
     """The head's share of the budget that ``head_share`` means at ``latent_ratio`` (None: in proportion to size)."""
+    if head_share is None:
+        return None
     if head_share == "auto":
         return AUTO_HEAD_SHARE if latent_ratio >= AUTO_HEAD_SHARE_MIN_RATIO * (1 - 1e-9) else None
-    if head_share is None or isinstance(head_share, (int, float)) and not isinstance(head_share, bool):
-        return None if head_share is None else float(head_share)
-    raise ValueError(f"head_share must be 'auto', None (in proportion to size) or a number in (0, 1); got {head_share!r}")
+    if isinstance(head_share, bool) or not isinstance(head_share, (int, float)):
+        raise ValueError(f"head_share must be 'auto', None (in proportion to size) or a number in (0, 1); got {head_share!r}")
+    return float(head_share)
 
 
 class SubspaceCodec(
