@@ -83,3 +83,17 @@ def test_a_method_s_schedule_replaces_the_recipe_s(utility):
     spec = dict(utility.METHODS["dp-ffa-linear"])
     utility.method_hyperparameters(hp, spec)
     assert hp["lr_scheduler_type"] == "linear" and "lr_scheduler_type" not in spec and spec["lora_freeze_a"] is True
+
+
+def test_tune_without_methods_runs_only_the_headline_methods(utility, monkeypatch):
+    # the options (dp-ffa-linear, lora-ema, ...) are tuned only when named: the default grid stays the headline one
+    planned = []
+    monkeypatch.setattr(utility, "_data", lambda model, quick: "data")
+    monkeypatch.setattr(utility, "train_eval", lambda model, method, *a, **k: planned.append(method) or
+                        dict(accuracy=0.5, macro_f1=0.1, epsilon=None, wall_s=0.0))
+    monkeypatch.setattr(utility, "add_run", lambda run, path: None)
+    utility.main(["tune", "--lrs", "5e-2"])
+    assert planned == list(utility.HEADLINE_METHODS) == ["lora", "dp-lora", "dp-ffa"]
+    planned.clear()
+    utility.main(["tune", "--lrs", "5e-2", "--methods", "dp-ffa-ema"])
+    assert planned == ["dp-ffa-ema"]
