@@ -24,7 +24,7 @@ pick the LoRA rank (8, 2, 1) and the rounds (20, 40) on the held-out split (serv
 and ``population-nodp-s0`` the same run without DP. Further tune rows try more progress per round at the same
 epsilon: server momentum, a linearly decayed server lr, and FedSGD + FedAdam (one SGD step per party, Adam at the
 server), with its clipping norm, rank, FFA-LoRA, beta1 and moving averages of the iterates (``IterateAverages``,
-``ema`` in a row); and the same rows over 2,000 or 4,000 smaller parties (``-p2000``, ``-p4000``: a lower sampling
+the decays in a row's ``ema``, their scores in ``ema_results``); and the same rows over 2,000 or 4,000 smaller parties (``-p2000``, ``-p4000``: a lower sampling
 rate at ~100 per round, so less noise for the same epsilon).
 
 ``--plan codec``: the population setting on the held-out split, 20 rounds, LoRA r 2 (``population-tune-slr5-r2``
@@ -360,7 +360,7 @@ def run_row(spec: dict) -> dict:
                 mean_update_norm=sum(h["update_norm"] for h in train_rounds) / max(1, len(train_rounds)),
                 train_examples=len(train), eval_examples=len(evaluation), example_visits=visits,
                 cosine_per_round=spy.cosines if spy else None,
-                **({"ema": ema} if ema else {}),
+                **({"ema_results": ema} if ema else {}),
                 wall_s=round(time.perf_counter() - start, 1), threads=torch.get_num_threads())
 
 
@@ -407,8 +407,8 @@ def _diagnostics(r) -> str:
     out, cos = "", r.get("cosine_per_round") or []
     if len(cos) > 1:
         out += f"  cos {cos[0]:.2f} then {sum(cos[1:]) / len(cos[1:]):.3f}"
-    if isinstance(r.get("ema"), dict):
-        out += "  ema " + " ".join(f"{d}:{m['accuracy']:.4f}" for d, m in r["ema"].items())
+    if r.get("ema_results"):
+        out += "  ema " + " ".join(f"{d}:{m['accuracy']:.4f}" for d, m in r["ema_results"].items())
     return out
 
 

@@ -97,3 +97,20 @@ def test_tune_without_methods_runs_only_the_headline_methods(utility, monkeypatc
     planned.clear()
     utility.main(["tune", "--lrs", "5e-2", "--methods", "dp-ffa-ema"])
     assert planned == ["dp-ffa-ema"]
+
+
+def test_iterate_average_rows_keep_the_decays_they_asked_for(monkeypatch):
+    """federated_defaults.py files the scores of its moving averages under ``ema_results``: the row's ``ema`` stays
+    the decays its spec asked for, and the report prints one score per decay."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import federated_defaults
+
+    with open(os.path.join(BENCHMARKS, "results", "federated_defaults.json")) as f:
+        rows = [r for r in json.load(f)["rows"] if "ema" in r]
+    specs = {s["name"]: s for plan in federated_defaults.PLANS.values() for s in plan}
+    assert rows, "the committed results hold iterate-average rows"
+    for r in rows:
+        assert isinstance(r["ema"], list) and [f"{d:g}" for d in r["ema"]] == list(r["ema_results"])
+        assert tuple(specs[r["name"]]["ema"]) == tuple(r["ema"])
+        line = federated_defaults._diagnostics(r)
+        assert all(f"{d:g}:{r['ema_results'][f'{d:g}']['accuracy']:.4f}" in line for d in r["ema"])
