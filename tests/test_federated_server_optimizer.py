@@ -140,6 +140,18 @@ def test_server_optimizer_arguments_are_checked(tmp_path):
         fed_args(tmp_path, server_momentum=1.0)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=-1.0), "server_learning_rate"), (dict(lr=float("nan")), "server_learning_rate"),
+    (dict(momentum=1.0), "server_momentum"), (dict(kind="fedadam", momentum=0.9), "server_beta1"),
+    (dict(kind="fedadam", betas=(0.9, 1.0)), "server_beta1"), (dict(kind="fedadam", tau=0.0), "server_tau"),
+])
+def test_a_server_optimizer_built_directly_checks_its_settings(kw, match):
+    """The same checks as FederatedArguments': a ServerOptimizer built by hand never steps with a negative rate or
+    a momentum of 1."""
+    with pytest.raises(ValueError, match=match):
+        ServerOptimizer(**kw)
+
+
 def test_the_defaults_are_the_documented_ones():
     """docs/federated.md lists the local and server defaults in one line of ``name=value``; the arguments and the
     ``hf-drencoder federated`` command use the same values."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..privacy.accounting import ACCOUNTANTS, check_accountant
 from .partition import PARTITIONS
-from .server_optimizer import SERVER_LR_SCHEDULES, SERVER_OPTIMIZERS
+from .server_optimizer import SERVER_LR_SCHEDULES, SERVER_OPTIMIZERS, check_server_optimizer
 
 PARTY_SAMPLING = ("poisson", "fixed")
 NOISE_CALIBRATIONS = ("distributed", "local")
@@ -184,24 +184,12 @@ class FederatedArguments:
             raise ValueError("stats_noise_multiplier must be > 0 under DP")
 
     def _validate_server_optimizer(self) -> None:
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer={self.server_optimizer!r} is unknown: choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        if self.server_learning_rate is None:
+        if self.server_optimizer in SERVER_OPTIMIZERS and self.server_learning_rate is None:
             self.server_learning_rate = DEFAULT_SERVER_LEARNING_RATE[self.server_optimizer]
-        if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
-            raise ValueError(f"server_learning_rate={self.server_learning_rate} must be a positive finite number")
-        if not (0 <= self.server_momentum < 1):
-            raise ValueError(f"server_momentum={self.server_momentum} must be in [0, 1)")
-        if self.server_lr_schedule not in SERVER_LR_SCHEDULES:
-            raise ValueError(f"server_lr_schedule={self.server_lr_schedule!r} is unknown: choose one of {', '.join(SERVER_LR_SCHEDULES)}")
-        if self.server_optimizer == "fedadam":
-            if self.server_momentum:
-                raise ValueError("server_momentum is fedavg's: fedadam's momentum is server_beta1. Set server_momentum=0")
-            if not (0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1):
-                raise ValueError(f"server_beta1={self.server_beta1} and server_beta2={self.server_beta2} must be in [0, 1)")
-            if not (self.server_tau > 0):
-                raise ValueError(f"server_tau={self.server_tau} must be > 0")
-        else:
+        check_server_optimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
+                               (self.server_beta1, self.server_beta2), self.server_tau, self.server_lr_schedule,
+                               self.num_rounds)
+        if self.server_optimizer != "fedadam":
             changed = [k for k, v in FEDADAM_DEFAULTS.items() if getattr(self, k) != v]
             if changed:
                 raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} used by server_optimizer="

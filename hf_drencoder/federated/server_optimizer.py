@@ -19,11 +19,36 @@ state, so a resumed run continues with it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 SERVER_LR_SCHEDULES = ("constant", "linear")
 STATE_PREFIX = "server_optimizer."
+
+
+def check_server_optimizer(kind: str, lr: float, momentum: float, betas, tau: float, schedule: str,
+                           num_rounds: int | None) -> None:
+    """Raise ``ValueError`` naming the setting to change unless these describe a server optimizer that can run.
+    ``FederatedArguments`` calls it before any data is read; ``ServerOptimizer`` calls it when built directly."""
+    if kind not in SERVER_OPTIMIZERS:
+        raise ValueError(f"server_optimizer={kind!r} is unknown: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"server_learning_rate={lr} must be a positive finite number")
+    if not (0 <= momentum < 1):
+        raise ValueError(f"server_momentum={momentum} must be in [0, 1)")
+    if schedule not in SERVER_LR_SCHEDULES:
+        raise ValueError(f"server_lr_schedule={schedule!r} is unknown: choose one of {', '.join(SERVER_LR_SCHEDULES)}")
+    if schedule != "constant" and not (num_rounds is not None and num_rounds >= 1):
+        raise ValueError(f"server_lr_schedule={schedule!r} needs the planned number of rounds (num_rounds >= 1)")
+    if kind == "fedadam":
+        if momentum:
+            raise ValueError("server_momentum is fedavg's: fedadam's momentum is server_beta1. Set server_momentum=0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"server_beta1={betas[0]} and server_beta2={betas[1]} must be in [0, 1)")
+        if not (tau > 0):
+            raise ValueError(f"server_tau={tau} must be > 0")
 
 
 class ServerOptimizer:
@@ -40,12 +65,7 @@ class ServerOptimizer:
 
     def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.99), tau: float = 1e-3,
                  schedule: str = "constant", num_rounds: int | None = None):
-        if kind not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer={kind!r} is unknown: choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        if schedule not in SERVER_LR_SCHEDULES:
-            raise ValueError(f"server_lr_schedule={schedule!r} is unknown: choose one of {', '.join(SERVER_LR_SCHEDULES)}")
-        if schedule != "constant" and not (num_rounds is not None and num_rounds >= 1):
-            raise ValueError(f"server_lr_schedule={schedule!r} needs the planned number of rounds (num_rounds >= 1)")
+        check_server_optimizer(kind, lr, momentum, betas, tau, schedule, num_rounds)
         self.schedule = schedule
         self.num_rounds = num_rounds
         self.kind = kind
