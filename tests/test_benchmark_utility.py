@@ -114,3 +114,20 @@ def test_iterate_average_rows_keep_the_decays_they_asked_for(monkeypatch):
         assert tuple(specs[r["name"]]["ema"]) == tuple(r["ema"])
         line = federated_defaults._diagnostics(r)
         assert all(f"{d:g}:{r['ema_results'][f'{d:g}']['accuracy']:.4f}" in line for d in r["ema"])
+
+
+def test_the_clipping_only_diagnostic_runs_at_its_own_noise_and_no_target(utility, monkeypatch):
+    """``dp-ffa-clip-only`` fixes a small noise multiplier: it is planned with no target epsilon (its epsilon is not
+    a budget), and a private method without either a target or a noise multiplier of its own is refused."""
+    planned, train_eval = [], utility.train_eval
+    monkeypatch.setattr(utility, "_data", lambda model, quick: "data")
+    monkeypatch.setattr(utility, "train_eval", lambda model, method, eps, *a, **k: planned.append((method, eps)) or
+                        dict(accuracy=0.5, macro_f1=0.1, epsilon=None, wall_s=0.0))
+    monkeypatch.setattr(utility, "add_run", lambda run, path: None)
+    utility.main(["tune", "--lrs", "5e-2", "--methods", "dp-ffa-clip-only", "dp-ffa", "ffa"])
+    assert planned == [("dp-ffa-clip-only", None), ("dp-ffa", utility.TUNE_EPSILON), ("ffa", None)]
+    data = ({"tune": (None, None)}, None, 8, 100)
+    with pytest.raises(ValueError, match="target epsilon or a fixed noise multiplier"):
+        train_eval("cut", "dp-ffa", None, 5e-2, 0, "tune", data, quick=True)
+    with pytest.raises(ValueError, match="target epsilon or a fixed noise multiplier"):
+        train_eval("cut", "dp-ffa-clip-only", 8.0, 5e-2, 0, "tune", data, quick=True)
